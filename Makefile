@@ -1,0 +1,34 @@
+# volagent developer entry points. Run as root on Debian/Ubuntu.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help deps test unit lint fmt clean
+
+help:
+	@echo "make test   install what is needed, then run the whole test suite (real components)"
+	@echo "make lint   ruff and mypy --strict"
+	@echo "make unit   only the unit tests (no root, no components)"
+	@echo "make fmt    ruff format and autofix"
+
+deps:
+	scripts/install-deps
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: deps
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: deps
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,0 +1,161 @@
+"""Shared fixtures: the real components the agent drives, each cleaned up even when a test fails.
+
+Markers (declared in pyproject.toml, enforced by --strict-markers) name the component a test
+needs; a test skips only when that component is truly absent, and the reason names it.
+
+Every name a fixture creates (pools, bridges, namespaces) starts with ``RUN_TAG``, unique per
+run, and the session ends with a check that none of them is left behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import components
+from tests.support.mqtt import Mosquitto
+from tests.support.net import Bridge, Namespace
+from tests.support.nfs import NfsClient
+from tests.support.run import sh
+from tests.support.zfs import Daemon, Pool, destroy_dataset_tree
+
+RUN_TAG = f"vt{secrets.token_hex(2)}"
+_seq = itertools.count()
+
+
+def _require(marker: str) -> None:
+    reason = components.missing(marker)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a marked test when (and only when) its component is absent, saying which."""
+    for marker in components.PROGRAMS:
+        if item.get_closest_marker(marker) is not None:
+            _require(marker)
+
+
+@pytest.fixture(scope="session")
+def run_dir() -> Iterator[Path]:
+    """A directory for this run's pool images, broker state and zone files."""
+    path = Path(tempfile.mkdtemp(prefix=f"volagent-{RUN_TAG}-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_leaked() -> Iterator[None]:
+    """After the whole run: no pool, link or namespace carrying this run's tag is left."""
+    yield
+    leaks = []
+    if shutil.which("ip"):
+        leaks += [n for n in sh(["ip", "netns", "list"], check=False).split() if RUN_TAG in n]
+        links = sh(["ip", "-o", "link", "show"], check=False)
+        leaks += [ln.split(":")[1].strip() for ln in links.splitlines() if RUN_TAG in ln]
+    if shutil.which("zpool") and components.missing("zfs") is None:
+        pools = sh(["zpool", "list", "-H", "-o", "name"], check=False).split()
+        leaks += [p for p in pools if p.startswith(RUN_TAG)]
+    assert not leaks, f"the test bed leaked: {leaks}"
+
+
+# ---------------------------------------------------------------------------------------- zfs
+
+
+@pytest.fixture(scope="session")
+def zfs_daemon(run_dir: Path) -> Iterator[Daemon]:
+    """The zfs-fuse daemon: started if not running, stopped at the end only if started here."""
+    _require("zfs")
+    daemon = Daemon(run_dir)
+    daemon.ensure_running()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def zpool(zfs_daemon: Daemon, run_dir: Path) -> Iterator[Pool]:
+    """A 4 GiB sparse file-backed pool, unique to this run, destroyed with its file."""
+    pool = Pool.create(f"{RUN_TAG}p", run_dir / "pools", size_mb=4096)
+    yield pool
+    pool.destroy()
+
+
+@pytest.fixture
+def make_pool(zfs_daemon: Daemon, run_dir: Path) -> Iterator[Callable[..., Pool]]:
+    """A factory of extra pools for one test (send/recv targets, tiny pools to fill up)."""
+    made: list[Pool] = []
+
+    def make(size_mb: int = 128) -> Pool:
+        pool = Pool.create(f"{RUN_TAG}x{next(_seq)}", run_dir / "pools", size_mb=size_mb)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in reversed(made):
+        pool.destroy()
+
+
+@pytest.fixture
+def dataset_root(zpool: Pool) -> Iterator[str]:
+    """A fresh, empty dataset under the run's pool; destroyed with everything under it."""
+    name = f"{zpool.name}/t{next(_seq)}"
+    sh(["zfs", "create", name])
+    yield name
+    destroy_dataset_tree(name)
+
+
+# --------------------------------------------------------------------------------------- mqtt
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A running anonymous broker on a free loopback port, with persistence."""
+    _require("mqtt")
+    broker = Mosquitto(tmp_path / "mosquitto")
+    broker.start()
+    yield broker
+    broker.close()
+
+
+MQTT_USER = {"volagent": "s3cret-test-password"}
+
+
+@pytest.fixture
+def mosquitto_auth(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A running broker that needs a username and password (see ``MQTT_USER``)."""
+    _require("mqtt")
+    broker = Mosquitto(tmp_path / "mosquitto-auth", users=MQTT_USER)
+    broker.start()
+    yield broker
+    broker.close()
+
+
+# ---------------------------------------------------------------------------------------- net
+
+
+@pytest.fixture
+def bridge() -> Iterator[Bridge]:
+    """A new bridge with a private /24; namespaces made on it are deleted with it."""
+    _require("netns")
+    br = Bridge(name=f"{RUN_TAG}b{next(_seq)}", prefix_tag=f"{RUN_TAG}n{next(_seq)}").create()
+    yield br
+    br.destroy()
+
+
+@pytest.fixture
+def client_ns(bridge: Bridge) -> Callable[[int], Namespace]:
+    """``client_ns(host)`` makes a client namespace holding host number ``host`` on the bridge."""
+    return lambda host: bridge.namespace(host, role="c")
+
+
+@pytest.fixture
+def nfs_client() -> Callable[[Namespace], NfsClient]:
+    """``nfs_client(ns)`` runs nfs-cp/nfs-cat/nfs-ls inside ``ns``."""
+    _require("nfs")
+    return NfsClient

@@ -1,0 +1,15 @@
+"""Synchronous command helper for the test bed (the package itself uses adapters/proc.py)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+
+
+def sh(argv: Sequence[str], *, timeout: float = 60, check: bool = True) -> str:
+    """Run argv (never a shell string); return stdout; raise with stderr on failure."""
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and done.returncode != 0:
+        msg = f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}"
+        raise RuntimeError(msg)
+    return done.stdout

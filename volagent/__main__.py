@@ -1,0 +1,5 @@
+"""``python -m volagent`` is the ``volagent`` command."""
+
+from volagent.cli import main
+
+raise SystemExit(main())

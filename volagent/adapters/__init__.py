@@ -1,0 +1,1 @@
+"""Adapters: the only code that touches processes, ZFS, namespaces, the broker and HTTP peers."""
