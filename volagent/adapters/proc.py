@@ -1,0 +1,370 @@
+"""The one door to subprocesses: :func:`run` to completion, :func:`spawn` to stream.
+
+Argv lists only (never a shell string), a timeout on every call, stdin from /dev/null unless
+input is given, capped output, one log line (event ``exec``) with the duration per child. Each
+child leads a session of its own, so a timeout, a cancellation or leaving :func:`spawn` SIGKILLs
+its whole process group, grandchildren included, and reaps it: no zombie, no leaked pipe.
+Descendants that leave the group (``setsid``) are out of reach. :func:`run` reads stdout and
+stderr to their end, so a program that daemonises must detach them.
+
+:func:`spawn` connects stdin and stdout to streams used from Python or to file descriptors:
+both ends of an :func:`os.pipe` join two children, as in ``zfs send | zfs recv``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import math
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+
+from volagent.errors import CommandError, CommandNotFound, CommandTimeout
+
+#: For ``stdin``/``stdout`` of :func:`spawn`: connect the child to /dev/null.
+DEVNULL: Final = asyncio.subprocess.DEVNULL
+_PIPE: Final = asyncio.subprocess.PIPE
+
+_log = structlog.get_logger("volagent.proc")
+
+_CHUNK: Final = 64 * 1024  # read size, and the buffer limit of the streams
+_REAP_GRACE: Final = 10.0  # seconds a SIGKILLed child gets to be reaped before we stop waiting
+_ERROR_STDOUT: Final = 4 * 1024  # characters of stdout kept in a CommandError
+_LOG_STDERR: Final = 1024  # characters of stderr in a log line
+_TRUNCATED: Final = "[...] "  # starts output whose beginning was dropped
+_NOT_RUNNABLE: Final = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR})
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """A finished command: exit status, stdout (capped), stderr tail and duration."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: str
+    duration_s: float
+    stdout_truncated: bool
+
+    @property
+    def text(self) -> str:
+        """Stdout decoded as UTF-8, undecodable bytes replaced."""
+        return self.stdout.decode("utf-8", errors="replace")
+
+
+class _Capture:
+    """The output of a pipe read to its end: the first (or last) ``limit`` bytes are kept."""
+
+    def __init__(self, limit: int, *, keep_tail: bool) -> None:
+        self.limit = limit
+        self.keep_tail = keep_tail
+        self.data = bytearray()
+        self.truncated = False
+
+    async def drain(self, reader: asyncio.StreamReader | None) -> None:
+        """Read until EOF; what does not fit is dropped, so the writer never blocks."""
+        if reader is None:
+            return
+        while chunk := await reader.read(_CHUNK):
+            self.data += chunk
+            if (excess := len(self.data) - self.limit) > 0:
+                self.truncated = True
+                del self.data[slice(excess) if self.keep_tail else slice(self.limit, None)]
+
+    def text(self) -> str:
+        """Decode the kept bytes as UTF-8; mark the text when its beginning was dropped."""
+        text = self.data.decode("utf-8", errors="replace")
+        return _TRUNCATED + text if self.truncated else text
+
+
+class Process:
+    """A running child started by :func:`spawn`.
+
+    ``stdin`` and ``stdout`` are streams when :func:`spawn` was given ``None`` for them, else
+    ``None``. Stderr is collected in the background, capped to its tail (:attr:`stderr_text`).
+    """
+
+    def __init__(
+        self,
+        argv: tuple[str, ...],
+        transport: asyncio.SubprocessTransport,
+        proc: asyncio.subprocess.Process,
+        max_stderr: int,
+    ) -> None:
+        self._transport = transport
+        self._proc = proc
+        self.argv = argv
+        self.pid: int = self._proc.pid
+        self.stdin: asyncio.StreamWriter | None = self._proc.stdin
+        self.stdout: asyncio.StreamReader | None = self._proc.stdout
+        self._started = time.monotonic()
+        self._stderr = _Capture(max_stderr, keep_tail=True)
+        self._stderr_reader = asyncio.ensure_future(self._stderr.drain(self._proc.stderr))
+
+    @property
+    def stderr_text(self) -> str:
+        """Stderr captured so far (its last ``max_stderr`` bytes, marked when cut)."""
+        return self._stderr.text()
+
+    async def wait(self, *, timeout: float, check: bool = True) -> Completed:  # noqa: ASYNC109  # a deadline per call is the API
+        """Wait for the child to exit; after ``timeout`` s kill it and raise CommandTimeout.
+
+        Read a piped stdout to its end first: a child blocked on a full pipe never exits.
+        ``stdout`` of the result is empty. With ``check``, a non-zero exit raises CommandError.
+        """
+        _check_timeout(timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                returncode = await self._proc.wait()
+                await asyncio.wait([self._stderr_reader])
+        except TimeoutError as exc:
+            await self.kill()
+            raise _timed_out(self.argv, timeout, self.stderr_text) from exc
+        duration = time.monotonic() - self._started
+        result = Completed(
+            self.argv, returncode, b"", self.stderr_text, duration, stdout_truncated=False
+        )
+        if check and returncode != 0:
+            raise _failure(result)
+        return result
+
+    async def kill(self) -> None:
+        """SIGKILL the child's process group, close the pipes and reap the child; idempotent."""
+        await _kill(self._transport, self._proc)
+        await asyncio.wait([self._stderr_reader])
+
+
+async def run(
+    argv: Sequence[str],
+    *,
+    timeout: float,  # noqa: ASYNC109  # a deadline per call is the API
+    input: bytes | None = None,  # noqa: A002  # the name subprocess.run uses for the same thing
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    max_stdout: int = 64 * 1024 * 1024,
+    max_stderr: int = 64 * 1024,
+) -> Completed:
+    """Run ``argv`` to completion within ``timeout`` seconds.
+
+    Stdin is /dev/null unless ``input`` is given. Stdout beyond ``max_stdout`` bytes is read
+    and dropped (``stdout_truncated``); stderr keeps its last ``max_stderr`` bytes.
+
+    Raises :class:`CommandNotFound` when the program cannot be executed, :class:`CommandTimeout`
+    after killing the process group on timeout, and :class:`CommandError` for a non-zero exit
+    when ``check`` is true. On cancellation the process group is killed and reaped first.
+    """
+    args = _check_argv(argv)
+    _check_timeout(timeout)
+    started = time.monotonic()
+    stdin = DEVNULL if input is None else _PIPE
+    transport, proc = await _start(args, stdin=stdin, stdout=_PIPE, env=env, cwd=cwd)
+    out = _Capture(max_stdout, keep_tail=False)
+    err = _Capture(max_stderr, keep_tail=True)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(
+                _feed(proc.stdin, input), out.drain(proc.stdout), err.drain(proc.stderr)
+            )
+            returncode = await proc.wait()
+    except BaseException as exc:  # timeout, cancellation, anything: the child must not outlive us
+        timed_out = isinstance(exc, TimeoutError)
+        error = "timeout" if timed_out else type(exc).__name__
+        try:
+            await _kill(transport, proc)
+        finally:
+            _log_exec(args, proc, started, err.text(), failed=True, error=error)
+        if timed_out:
+            raise _timed_out(args, timeout, err.text()) from exc
+        raise
+    duration = time.monotonic() - started
+    result = Completed(args, returncode, bytes(out.data), err.text(), duration, out.truncated)
+    failed = check and returncode != 0
+    _log_exec(args, proc, started, result.stderr, failed=failed)
+    if failed:
+        raise _failure(result)
+    return result
+
+
+@asynccontextmanager
+async def spawn(
+    argv: Sequence[str],
+    *,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    max_stderr: int = 64 * 1024,
+) -> AsyncIterator[Process]:
+    """Start ``argv`` and yield its :class:`Process`; kill and reap it on leaving if still running.
+
+    ``stdin``/``stdout``: ``None`` gives a stream (``Process.stdin``/``Process.stdout``), an int
+    connects that file descriptor (or :data:`DEVNULL`). The caller still owns such a descriptor
+    and should close its copy once the child runs, or the other end never sees EOF.
+    """
+    args = _check_argv(argv)
+    started = time.monotonic()
+    stdin = _PIPE if stdin is None else stdin
+    stdout = _PIPE if stdout is None else stdout
+    transport, proc = await _start(args, stdin=stdin, stdout=stdout, env=env, cwd=cwd)
+    process = Process(args, transport, proc, max_stderr)
+    try:
+        yield process
+    finally:
+        running = proc.returncode is None
+        try:
+            await process.kill()
+        finally:
+            failed = running or proc.returncode != 0
+            _log_exec(args, proc, started, process.stderr_text, failed=failed, killed=running)
+
+
+def _check_argv(argv: object) -> tuple[str, ...]:
+    """Refuse anything but a non-empty list or tuple of strings without NUL (a bug if not)."""
+    if not isinstance(argv, list | tuple):
+        raise TypeError(f"argv must be a list or tuple of str, not {type(argv).__name__}")
+    if not argv:
+        msg = "argv is empty"
+        raise ValueError(msg)
+    for arg in argv:
+        if not isinstance(arg, str):
+            raise TypeError(f"argv items must be str, not {type(arg).__name__}: {arg!r}")
+        if "\0" in arg:
+            raise ValueError(f"argv item contains a NUL character: {arg!r}")
+    return tuple(argv)
+
+
+def _check_timeout(timeout: float) -> None:
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+
+async def _start(
+    argv: tuple[str, ...],
+    *,
+    stdin: int,
+    stdout: int,
+    env: Mapping[str, str] | None,
+    cwd: str | os.PathLike[str] | None,
+) -> tuple[asyncio.SubprocessTransport, asyncio.subprocess.Process]:
+    """Start ``argv`` in a new session with stderr piped; map start failures to our errors."""
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    try:
+        # What asyncio.create_subprocess_exec does, keeping hold of the transport: killing
+        # closes our pipe ends through it, however far the streams were read.
+        transport, protocol = await loop.subprocess_exec(
+            lambda: asyncio.subprocess.SubprocessStreamProtocol(limit=_CHUNK, loop=loop),
+            *argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=_PIPE,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        # A failed exec reports the program as filename; a failed chdir reports cwd.
+        missing = exc.errno in _NOT_RUNNABLE and exc.filename == argv[0]
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        _log.warning(
+            "exec", argv=list(argv), returncode=None, duration_ms=duration_ms, error=str(exc)
+        )
+        cls = CommandNotFound if missing else CommandError
+        raise cls(f"cannot run {argv[0]}: {exc.strerror or exc}", argv=argv) from exc
+    return transport, asyncio.subprocess.Process(transport, protocol, loop)
+
+
+async def _feed(stdin: asyncio.StreamWriter | None, data: bytes | None) -> None:
+    """Write ``data`` to the child's stdin, then close it; a child may exit without reading."""
+    if stdin is None or data is None:
+        return
+    with suppress(BrokenPipeError, ConnectionResetError):
+        stdin.write(data)
+        await stdin.drain()
+    stdin.close()
+
+
+async def _kill(transport: asyncio.SubprocessTransport, proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the child's process group, close our pipe ends and reap the child.
+
+    The reap runs to its end (or ``_REAP_GRACE``) even when the caller is cancelled meanwhile;
+    such a cancellation is raised afterwards.
+    """
+    with suppress(ProcessLookupError):
+        # The child leads its own group. Linux does not reuse a pid while a group carries it
+        # and hands pids out cyclically, so even after the child is reaped this hits no stranger.
+        os.killpg(proc.pid, signal.SIGKILL)
+    for fd in (0, 1, 2):
+        if (pipe := transport.get_pipe_transport(fd)) is not None:
+            pipe.close()
+    reap = asyncio.ensure_future(_reap(proc))
+    cancelled = False
+    while not reap.done():
+        try:
+            await asyncio.wait([reap])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    try:
+        async with asyncio.timeout(_REAP_GRACE):
+            await proc.wait()
+    except TimeoutError:
+        _log.error("exec_reap_timeout", pid=proc.pid, grace_s=_REAP_GRACE)
+
+
+def _tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else _TRUNCATED + text[-limit:]
+
+
+def _failure(result: Completed) -> CommandError:
+    """Build the error for a non-zero exit, with the last line of stderr in the message."""
+    code = result.returncode
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
+    return CommandError(
+        f"{result.argv[0]} {how}" + (f": {last[:200]}" if last else ""),
+        argv=result.argv,
+        returncode=code,
+        stderr=result.stderr,
+        stdout=_tail(result.text, _ERROR_STDOUT),
+    )
+
+
+def _timed_out(argv: tuple[str, ...], timeout: float, stderr: str) -> CommandTimeout:
+    return CommandTimeout(
+        f"{argv[0]} did not finish within {timeout:g} s", argv=argv, stderr=stderr
+    )
+
+
+def _log_exec(
+    argv: tuple[str, ...],
+    proc: asyncio.subprocess.Process,
+    started: float,
+    stderr: str,
+    *,
+    failed: bool,
+    **extra: object,
+) -> None:
+    """Log the one ``exec`` line of a child: warning when it failed, else debug."""
+    fields = {
+        "argv": list(argv),
+        "pid": proc.pid,
+        "returncode": proc.returncode,
+        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        **extra,
+    }
+    if (failed or proc.returncode != 0) and stderr:
+        fields["stderr"] = _tail(stderr, _LOG_STDERR)
+    (_log.warning if failed else _log.debug)("exec", **fields)
