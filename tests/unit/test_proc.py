@@ -66,6 +66,21 @@ def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[LogEntries]:
 
 
 @pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set once proc holds a started child, so that a test knows what its cancellation hits."""
+    event = asyncio.Event()
+    real_start = proc._start
+
+    async def start(*args: Any, **kwargs: Any) -> Any:
+        result = await real_start(*args, **kwargs)
+        event.set()
+        return result
+
+    monkeypatch.setattr(proc, "_start", start)
+    return event
+
+
+@pytest.fixture
 def subreaper() -> Iterator[None]:
     """Make this process the reaper of orphaned descendants, so a test can reap and inspect them.
 
@@ -107,6 +122,11 @@ async def read_pids(path: Path, task: asyncio.Future[Any]) -> tuple[int, int]:
         await asyncio.sleep(0.01)
     child, grandchild = text.split()
     return int(child), int(grandchild)
+
+
+async def until(event: asyncio.Event) -> None:
+    async with asyncio.timeout(30):
+        await event.wait()
 
 
 # ---------------------------------------------------------------- run
@@ -270,12 +290,16 @@ async def hang_in_spawn(argv: list[str]) -> None:
 
 @pytest.mark.parametrize("hang", [hang_in_run, hang_in_spawn])
 async def test_cancellation_kills_child_and_grandchild(
-    hang: Callable[[list[str]], Awaitable[None]], tmp_path: Path, subreaper: None
+    hang: Callable[[list[str]], Awaitable[None]],
+    tmp_path: Path,
+    subreaper: None,
+    started: asyncio.Event,
 ) -> None:
     fds = open_fds()
     pids = tmp_path / "pids"
     task = asyncio.ensure_future(hang([PY, "-c", WITH_GRANDCHILD, str(pids)]))
     child, grandchild = await read_pids(pids, task)
+    await until(started)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -286,7 +310,7 @@ async def test_cancellation_kills_child_and_grandchild(
 
 
 async def test_a_second_cancellation_does_not_cut_the_reap_short(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, logs: LogEntries
+    monkeypatch: pytest.MonkeyPatch, started: asyncio.Event, logs: LogEntries
 ) -> None:
     reaping = asyncio.Event()
     reaped: list[int | None] = []
@@ -299,21 +323,29 @@ async def test_a_second_cancellation_does_not_cut_the_reap_short(
         reaped.append(child.returncode)
 
     monkeypatch.setattr(proc, "_reap", slow_reap)
-    started = tmp_path / "started"
-    task = asyncio.ensure_future(
-        proc.run(["sh", "-c", f"touch {started}; exec sleep 60"], timeout=120)
-    )
-    while published(started) is None:
-        assert not task.done(), task
-        await asyncio.sleep(0.01)
+    task = asyncio.ensure_future(proc.run(["sleep", "60"], timeout=120))
+    await until(started)
     task.cancel()
-    await reaping.wait()
+    await until(reaping)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert reaped == [-signal.SIGKILL]
     (line,) = exec_lines(logs)
     assert_gone(line["pid"])
+
+
+async def test_cancellation_while_starting_kills_the_child(logs: LogEntries) -> None:
+    fds = open_fds()
+    task = asyncio.ensure_future(proc.run(["sleep", "60"], timeout=120))
+    await asyncio.sleep(0)  # run() is now waiting for asyncio to start the child
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (line,) = exec_lines(logs)
+    assert line["error"] == "CancelledError"
+    assert_gone(line["pid"])
+    assert open_fds() == fds
 
 
 async def test_log_line_per_call(logs: LogEntries) -> None:

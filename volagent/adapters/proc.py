@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
@@ -254,13 +254,16 @@ async def _start(
     env: Mapping[str, str] | None,
     cwd: str | os.PathLike[str] | None,
 ) -> tuple[asyncio.SubprocessTransport, asyncio.subprocess.Process]:
-    """Start ``argv`` in a new session with stderr piped; map start failures to our errors."""
+    """Start ``argv`` in a new session with stderr piped; map start failures to our errors.
+
+    A cancellation while starting waits for the start to finish, then kills the process group.
+    """
     loop = asyncio.get_running_loop()
     started = time.monotonic()
-    try:
-        # What asyncio.create_subprocess_exec does, keeping hold of the transport: killing
-        # closes our pipe ends through it, however far the streams were read.
-        transport, protocol = await loop.subprocess_exec(
+    # What asyncio.create_subprocess_exec does, keeping hold of the transport: killing closes
+    # our pipe ends through it, however far the streams were read.
+    start = asyncio.ensure_future(
+        loop.subprocess_exec(
             lambda: asyncio.subprocess.SubprocessStreamProtocol(limit=_CHUNK, loop=loop),
             *argv,
             stdin=stdin,
@@ -270,6 +273,20 @@ async def _start(
             cwd=cwd,
             start_new_session=True,
         )
+    )
+    try:
+        await _settle(start)
+    except asyncio.CancelledError:
+        if start.exception() is None:
+            transport, protocol = start.result()
+            proc = asyncio.subprocess.Process(transport, protocol, loop)
+            try:
+                await _kill(transport, proc)
+            finally:
+                _log_exec(argv, proc, started, "", failed=True, error="CancelledError")
+        raise
+    try:
+        transport, protocol = start.result()
     except OSError as exc:
         # A failed exec reports the program as filename; a failed chdir reports cwd.
         missing = exc.errno in _NOT_RUNNABLE and exc.filename == argv[0]
@@ -278,7 +295,7 @@ async def _start(
             "exec", argv=list(argv), returncode=None, duration_ms=duration_ms, error=str(exc)
         )
         cls = CommandNotFound if missing else CommandError
-        raise cls(f"cannot run {argv[0]}: {exc.strerror or exc}", argv=argv) from exc
+        raise cls(f"cannot run {argv[0]}: {exc}", argv=argv) from exc
     return transport, asyncio.subprocess.Process(transport, protocol, loop)
 
 
@@ -295,8 +312,7 @@ async def _feed(stdin: asyncio.StreamWriter | None, data: bytes | None) -> None:
 async def _kill(transport: asyncio.SubprocessTransport, proc: asyncio.subprocess.Process) -> None:
     """SIGKILL the child's process group, close our pipe ends and reap the child.
 
-    The reap runs to its end (or ``_REAP_GRACE``) even when the caller is cancelled meanwhile;
-    such a cancellation is raised afterwards.
+    The reap runs to its end (or ``_REAP_GRACE``) even when the caller is cancelled meanwhile.
     """
     with suppress(ProcessLookupError):
         # The child leads its own group. Linux does not reuse a pid while a group carries it
@@ -305,11 +321,15 @@ async def _kill(transport: asyncio.SubprocessTransport, proc: asyncio.subprocess
     for fd in (0, 1, 2):
         if (pipe := transport.get_pipe_transport(fd)) is not None:
             pipe.close()
-    reap = asyncio.ensure_future(_reap(proc))
+    await _settle(asyncio.ensure_future(_reap(proc)))
+
+
+async def _settle(task: asyncio.Future[Any]) -> None:
+    """Wait for ``task`` to finish even through cancellations, then raise any such cancellation."""
     cancelled = False
-    while not reap.done():
+    while not task.done():
         try:
-            await asyncio.wait([reap])
+            await asyncio.wait([task])
         except asyncio.CancelledError:
             cancelled = True
     if cancelled:
