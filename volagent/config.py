@@ -28,7 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from volagent.errors import ConfigError
+from volagent.domain import names
+from volagent.errors import ConfigError, InvalidParameter
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -60,8 +61,6 @@ ENV_PREFIX: Final = "VOLAGENT_"
 #: Names the configuration file (read by the command line); not an override.
 ENV_CONFIG: Final = "VOLAGENT_CONFIG"
 
-_UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_DATASET_COMPONENT_RE: Final = re.compile(r"[A-Za-z0-9_.:-]+")
 _DATASET_MAX_LEN: Final = 200
 _IFNAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _NETWORK_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -81,31 +80,29 @@ class _FieldError(ValueError):
         self.field = field
 
 
+def _reason(exc: InvalidParameter) -> str:
+    return str(exc.details.get("reason", exc.message))
+
+
 def _check_uuid(value: str) -> str:
-    lowered = value.lower()
-    if not _UUID_RE.fullmatch(lowered):
+    try:
+        return names.validate_volume_uuid(value.lower())
+    except InvalidParameter:
         msg = "must be a UUID like 123e4567-e89b-12d3-a456-426614174000"
-        raise ValueError(msg)
-    return lowered
+        raise ValueError(msg) from None
 
 
 def _check_dataset_root(value: str) -> str:
+    # Volumes live at <root>/<uuid>: leave room for the 37 characters of "/<uuid>".
     if len(value) > _DATASET_MAX_LEN:
         raise ValueError(f"must be at most {_DATASET_MAX_LEN} characters")
-    components = value.split("/")
-    if len(components) < 2:
+    if "/" not in value:
         msg = "must name a dataset below the pool, like tank/volumes"
         raise ValueError(msg)
-    for component in components:
-        if not _DATASET_COMPONENT_RE.fullmatch(component):
-            msg = "components must be non-empty and use only letters, digits and _ . : -"
-            raise ValueError(msg)
-        if component.startswith("-") or component in {".", ".."}:
-            raise ValueError(f"component {component!r} is not allowed")
-    if not components[0][0].isalpha():
-        msg = "the pool name must begin with a letter"
-        raise ValueError(msg)
-    return value
+    try:
+        return names.validate_dataset_name(value)
+    except InvalidParameter as exc:
+        raise ValueError(_reason(exc)) from None
 
 
 def _check_topic_root(value: str) -> str:
