@@ -9,6 +9,7 @@ run, and the session ends with a check that none of them is left behind.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 import shutil
@@ -24,6 +25,8 @@ from tests.support.net import Bridge, Namespace
 from tests.support.nfs import NfsClient
 from tests.support.run import sh
 from tests.support.zfs import Daemon, Pool, destroy_dataset_tree
+from volagent.adapters.zfs import ZfsCli
+from volagent.ports.storage import Capabilities
 
 RUN_TAG = f"vt{secrets.token_hex(2)}"
 _seq = itertools.count()
@@ -99,6 +102,18 @@ def make_pool(zfs_daemon: Daemon, run_dir: Path) -> Iterator[Callable[..., Pool]
     yield make
     for pool in reversed(made):
         pool.destroy()
+
+
+@pytest.fixture(scope="session")
+def zfs_capabilities(zpool: Pool) -> Capabilities:
+    """What this zfs can do, detected once per run (as the agent does at start-up)."""
+    return asyncio.run(ZfsCli(command_timeout_s=60).detect_capabilities(zpool.name))
+
+
+@pytest.fixture
+def storage(zfs_capabilities: Capabilities) -> ZfsCli:
+    """The CLI storage driver, with the run's detected capabilities."""
+    return ZfsCli(command_timeout_s=60, capabilities=zfs_capabilities)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support.run import sh
-from tests.support.zfs import Pool
+from tests.support.zfs import mountpoint
 from volagent.adapters import proc
 from volagent.adapters.zfs import MAX_USER_VALUE_BYTES, ZfsCli
 from volagent.adapters.zfs_errors import DatasetBusy, DatasetExists, DatasetNotFound
@@ -19,13 +19,6 @@ from volagent.errors import InvalidParameter
 from volagent.ports.storage import CanMount, DatasetOptions, Storage
 
 pytestmark = pytest.mark.zfs
-
-
-@pytest.fixture
-async def storage(zpool: Pool) -> ZfsCli:
-    zfs = ZfsCli(command_timeout_s=60)
-    await zfs.detect_capabilities(zpool.name)
-    return zfs
 
 
 @pytest.fixture
@@ -188,10 +181,6 @@ async def test_rename_and_mount_unmount_are_idempotent(storage: ZfsCli, dataset_
     await storage.mount(name)
     await storage.mount(name)
     assert (await storage.get_properties(name, ["mounted"])).get_bool("mounted") is True
-
-
-def mountpoint(name: str) -> Path:
-    return Path(raw_get(name, "mountpoint"))
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.run import sh
-from tests.support.zfs import Pool
+from tests.support.zfs import Pool, mountpoint
 from volagent.adapters.zfs import ZfsCli
 from volagent.adapters.zfs_errors import (
     MountFailed,
@@ -32,17 +32,6 @@ from volagent.errors import InsufficientSpace, StorageUnavailable
 from volagent.ports.storage import Capabilities, DatasetOptions
 
 pytestmark = pytest.mark.zfs
-
-
-@pytest.fixture
-async def storage(zpool: Pool) -> ZfsCli:
-    zfs = ZfsCli(command_timeout_s=60)
-    await zfs.detect_capabilities(zpool.name)
-    return zfs
-
-
-def mountpoint(name: str) -> Path:
-    return Path(sh(["zfs", "get", "-H", "-o", "value", "mountpoint", name]).strip())
 
 
 def fill(directory: Path) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.run import sh
-from tests.support.zfs import Pool
+from tests.support.zfs import Pool, mountpoint
 from volagent.adapters.zfs import ZfsCli
 from volagent.adapters.zfs_errors import (
     DatasetBusy,
@@ -22,13 +22,6 @@ pytestmark = pytest.mark.zfs
 
 
 @pytest.fixture
-async def storage(zpool: Pool) -> ZfsCli:
-    zfs = ZfsCli(command_timeout_s=60)
-    await zfs.detect_capabilities(zpool.name)
-    return zfs
-
-
-@pytest.fixture
 async def fs(storage: ZfsCli, dataset_root: str) -> str:
     name = f"{dataset_root}/fs"
     await storage.create_dataset(name)
@@ -36,8 +29,7 @@ async def fs(storage: ZfsCli, dataset_root: str) -> str:
 
 
 def data(name: str) -> Path:
-    mp = sh(["zfs", "get", "-H", "-o", "value", "mountpoint", name]).strip()
-    return Path(mp) / "data"
+    return mountpoint(name) / "data"
 
 
 async def test_snapshots_listed_oldest_first_with_exact_values(storage: ZfsCli, fs: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.run import sh
-from tests.support.zfs import Pool
+from tests.support.zfs import Pool, mountpoint
 from volagent.adapters.zfs import ZfsCli, _CliSendStream
 from volagent.adapters.zfs_errors import (
     DatasetExists,
@@ -22,13 +22,6 @@ from volagent.adapters.zfs_errors import (
 )
 
 pytestmark = pytest.mark.zfs
-
-
-@pytest.fixture
-async def storage(zpool: Pool) -> ZfsCli:
-    zfs = ZfsCli(command_timeout_s=60)
-    await zfs.detect_capabilities(zpool.name)
-    return zfs
 
 
 @pytest.fixture
@@ -71,10 +64,6 @@ def pid_of(argv_start: list[str]) -> int:
         if [a.decode() for a in args[: len(argv_start)]] == argv_start:
             return int(cmdline.parent.name)
     raise AssertionError(f"no process runs {argv_start}")
-
-
-def mountpoint(name: str) -> Path:
-    return Path(sh(["zfs", "get", "-H", "-o", "value", "mountpoint", name]).strip())
 
 
 def digest(path: Path) -> str:

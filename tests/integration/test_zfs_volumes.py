@@ -23,13 +23,6 @@ KEYS = ("name", "owner_uuid", "size_mib", "labels")
 
 
 @pytest.fixture
-async def storage(zpool: Pool) -> ZfsCli:
-    zfs = ZfsCli(command_timeout_s=60)
-    await zfs.detect_capabilities(zpool.name)
-    return zfs
-
-
-@pytest.fixture
 def zfs_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     calls: list[tuple[str, ...]] = []
     real = proc.run

@@ -111,6 +111,11 @@ class Pool:
             self.mountpoint.rmdir()
 
 
+def mountpoint(name: str) -> Path:
+    """Where a dataset is mounted (read straight from zfs, not through the driver)."""
+    return Path(sh(["zfs", "get", "-H", "-o", "value", "mountpoint", name]).strip())
+
+
 def destroy_dataset_tree(name: str) -> None:
     """Destroy a dataset and everything under it, deepest first, without ``-f``."""
     done = subprocess.run(
