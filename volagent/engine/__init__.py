@@ -1,0 +1,1 @@
+"""The task engine: the durable journal of tasks, volume generations and reports, and the runner."""
