@@ -36,6 +36,13 @@ _NATIVE_PROPERTY = re.compile(r"[a-z][a-z0-9_]*")
 #: The module of every user property the agent writes.
 PROPERTY_MODULE: Final = "volagent"
 
+_NETWORK_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
+#: The patterns of the protocol's names (unanchored; match the whole text), for JSON Schemas.
+UUID_PATTERN: Final = _UUID.pattern
+VOLUME_NAME_PATTERN: Final = _VOLUME_NAME.pattern
+SNAPSHOT_NAME_PATTERN: Final = _SNAPSHOT_NAME.pattern
+NETWORK_NAME_PATTERN: Final = _NETWORK_NAME.pattern
+
 
 def _invalid(param: str, value: object, reason: str) -> InvalidParameter:
     shown = value if isinstance(value, str) and len(value) <= 300 else f"{str(value)[:300]}..."
@@ -75,6 +82,16 @@ def validate_snapshot_name(value: object, *, param: str = "name") -> str:
     if _SNAPSHOT_NAME.fullmatch(text) is None:
         raise _invalid(
             param, text, "must match ^[a-zA-Z0-9][a-zA-Z0-9_.:-]{0,63}$ (1 to 64 characters)"
+        )
+    return text
+
+
+def validate_network_name(value: object, *, param: str = "network") -> str:
+    """Check a network name (a key of ``[networks]``): ``^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$``."""
+    text = _text(value, param)
+    if _NETWORK_NAME.fullmatch(text) is None:
+        raise _invalid(
+            param, text, "must match ^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$ (1 to 64 characters)"
         )
     return text
 
