@@ -62,7 +62,7 @@ class Ganesha:
             render(bind=self.ns.ip, path=path, clients=clients, recovery=self.workdir / "recov")
         )
         argv = self.ns.exec_argv(
-            "unshare", "-m", "--propagation", "private", "--",
+            "unshare", "-m", "--propagation", "slave", "--",
             sys.executable, str(_ZONE_INIT),
             str(conf), str(self.log), str(self.workdir / "ganesha.pid"),
         )  # fmt: skip

@@ -1,7 +1,7 @@
 """Run inside a fresh mount namespace: private /run, rpcbind, then exec ganesha in the foreground.
 
 Usage: python zone_init.py <ganesha.conf> <ganesha.log> <ganesha.pid>
-(started by tests/support/ganesha.py as ``ip netns exec NS unshare -m --propagation private --``).
+(started by tests/support/ganesha.py as ``ip netns exec NS unshare -m --propagation slave --``).
 """
 
 from __future__ import annotations
