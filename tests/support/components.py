@@ -12,7 +12,7 @@ PROGRAMS: dict[str, tuple[str, ...]] = {
     "zfs": ("zfs-fuse", "zfs", "zpool"),
     "nfs": ("ganesha.nfsd", "rpcbind", "nfs-cp", "nfs-cat", "nfs-ls", "unshare", "mount"),
     "netns": ("ip",),
-    "mqtt": ("mosquitto", "mosquitto_pub", "mosquitto_sub", "mosquitto_passwd"),
+    "mqtt": ("mosquitto", "mosquitto_pub", "mosquitto_sub", "mosquitto_passwd", "openssl"),
 }
 
 

@@ -6,6 +6,7 @@ import contextlib
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.run import sh
@@ -25,11 +26,22 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS listener: the CA that signed the server certificate, and the server's."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 class Mosquitto:
     """A mosquitto process on loopback with its own directory.
 
     ``users`` (name -> password) switches anonymous access off and writes a password file.
     ``extra`` lines are appended to the config (for fault tests); ``reconfigure`` rewrites it.
+    ``tls`` makes the listener speak TLS only (``url`` becomes ``mqtts://``; ``pub``/``sub``
+    trust ``tls.ca``).
     """
 
     def __init__(
@@ -38,12 +50,14 @@ class Mosquitto:
         *,
         users: dict[str, str] | None = None,
         extra: list[str] | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.users = dict(users or {})
         self.extra = list(extra or [])
+        self.tls = tls
         self.conf = self.dir / "mosquitto.conf"
         self.log = self.dir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -52,7 +66,8 @@ class Mosquitto:
     @property
     def url(self) -> str:
         """The broker's URL in the agent's config syntax."""
-        return f"mqtt://127.0.0.1:{self.port}"
+        scheme = "mqtts" if self.tls else "mqtt"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def _write_config(self) -> None:
         lines = [
@@ -65,6 +80,12 @@ class Mosquitto:
             "log_type all",
             "max_queued_messages 100000",
         ]
+        if self.tls:
+            lines += [
+                f"cafile {self.tls.ca}",
+                f"certfile {self.tls.cert}",
+                f"keyfile {self.tls.key}",
+            ]
         if self.users:
             pwfile = self.dir / "passwd"
             pwfile.unlink(missing_ok=True)
@@ -130,17 +151,41 @@ class Mosquitto:
         argv += ["-t", topic, "-m", payload]
         if retain:
             argv.append("-r")
-        argv += self._auth_args(auth)
+        argv += self._auth_args(auth) + self._tls_args()
         sh(argv, timeout=20)
 
     def sub(
-        self, topic: str, *, count: int, timeout: float = 10, auth: dict[str, str] | None = None
+        self,
+        topic: str,
+        *,
+        count: int,
+        timeout: float = 10,
+        auth: dict[str, str] | None = None,
+        session: str | None = None,
     ) -> list[str]:
-        """Receive ``count`` messages with the real ``mosquitto_sub`` client."""
+        """Receive ``count`` messages with the real ``mosquitto_sub`` client.
+
+        ``session`` is a client id whose persistent session (see :meth:`open_session`) holds
+        what was published since it was opened.
+        """
         argv = ["mosquitto_sub", "-p", str(self.port), "-h", "127.0.0.1", "-q", "1"]
         argv += ["-t", topic, "-C", str(count), "-W", str(int(timeout))]
-        argv += self._auth_args(auth)
+        argv += self._auth_args(auth) + self._tls_args() + self._session_args(session)
         return sh(argv, timeout=timeout + 10).splitlines()
+
+    def open_session(self, topic: str, session: str, *, auth: dict[str, str] | None = None) -> None:
+        """Subscribe a persistent ``mosquitto_sub`` session and leave: the broker queues for it."""
+        argv = ["mosquitto_sub", "-p", str(self.port), "-h", "127.0.0.1", "-q", "1"]
+        argv += ["-t", topic, "-E"]
+        argv += self._auth_args(auth) + self._tls_args() + self._session_args(session)
+        sh(argv, timeout=20)
+
+    def _tls_args(self) -> list[str]:
+        return ["--cafile", str(self.tls.ca)] if self.tls else []
+
+    @staticmethod
+    def _session_args(session: str | None) -> list[str]:
+        return ["-i", session, "-c"] if session else []
 
     @staticmethod
     def _auth_args(auth: dict[str, str] | None) -> list[str]:
