@@ -14,17 +14,18 @@ import itertools
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import components
+from tests.support import components, net
 from tests.support.mqtt import Mosquitto
 from tests.support.net import Bridge, Namespace
 from tests.support.nfs import NfsClient
 from tests.support.run import sh
 from tests.support.zfs import Daemon, Pool, destroy_dataset_tree
+from tests.support.zones import ZoneBed
 from volagent.adapters.zfs import ZfsCli
 from volagent.ports.storage import Capabilities
 
@@ -51,6 +52,18 @@ def run_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=f"volagent-{RUN_TAG}-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_addresses_stay_on_this_machine() -> Iterator[None]:
+    """Traffic from the host to the test bridges' block is dropped, never routed out."""
+    if components.missing("netns") is not None:
+        yield
+        return
+    added = net.fence_test_block()
+    yield
+    if added:
+        net.unfence_test_block()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -174,3 +187,20 @@ def nfs_client() -> Callable[[Namespace], NfsClient]:
     """``nfs_client(ns)`` runs nfs-cp/nfs-cat/nfs-ls inside ``ns``."""
     _require("nfs")
     return NfsClient
+
+
+# -------------------------------------------------------------------------------------- zones
+
+
+@pytest.fixture
+async def zone_bed(dataset_root: str, bridge: Bridge, tmp_path: Path) -> AsyncIterator[ZoneBed]:
+    """Zone runtimes over one state directory, the bridge mapped, volumes under dataset_root.
+
+    Every zone is stopped afterwards, before the volumes' datasets are destroyed.
+    """
+    _require("nfs")
+    bed = ZoneBed(
+        tag=RUN_TAG, state_dir=tmp_path / "state", bridge=bridge, dataset_root=dataset_root
+    )
+    yield bed
+    await bed.stop_all()

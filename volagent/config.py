@@ -63,6 +63,7 @@ ENV_CONFIG: Final = "VOLAGENT_CONFIG"
 
 _DATASET_MAX_LEN: Final = 200
 _IFNAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_CGROUP_COMPONENT_RE: Final = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 _NETWORK_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _UNIX_PREFIX: Final = "unix:"
 _UNIX_PATH_MAX: Final = 107  # sun_path holds 108 bytes including the terminating NUL
@@ -124,6 +125,17 @@ def _check_topic_root(value: str) -> str:
 def _check_ifname(value: str) -> str:
     if not _IFNAME_RE.fullmatch(value) or value in {".", ".."}:
         msg = "must be a Linux interface name: 1 to 15 of A-Z a-z 0-9 _ . -"
+        raise ValueError(msg)
+    return value
+
+
+def _check_cgroup_parent(value: str) -> str:
+    parts = value.removeprefix("/").split("/")
+    if not all(_CGROUP_COMPONENT_RE.fullmatch(p) and p not in {".", ".."} for p in parts):
+        msg = (
+            "must be a cgroup path like /volagent (absolute) or volagent-zones (relative):"
+            " components of letters, digits and _ . : @ -, not . or .."
+        )
         raise ValueError(msg)
     return value
 
@@ -250,6 +262,8 @@ _AbsolutePath = Annotated[Path, BeforeValidator(_absolute_path)]
 _OptionalPath = Annotated[Path | None, BeforeValidator(_optional_absolute_path)]
 _PositiveFloat = Annotated[float, Field(gt=0)]
 _NetworkName = Annotated[str, Field(pattern=_NETWORK_NAME_PATTERN)]
+#: A uid/gid zfs-fuse can store (it refuses ids above 2^31-1).
+_AnonymousId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class _Section(BaseModel):
@@ -384,9 +398,16 @@ class ZonesConfig(_Section):
     cpus: _PositiveFloat = 1.0
     pids: Annotated[int, Field(ge=1)] = 1024
     root_squash: bool = True
+    anonymous_uid: _AnonymousId = 65534
+    anonymous_gid: _AnonymousId = 65534
     ganesha_bin: _NonEmpty = "ganesha.nfsd"
     rpcbind_bin: _NonEmpty = "rpcbind"
+    cgroup_parent: Annotated[str, AfterValidator(_check_cgroup_parent)] = "/volagent"
     probe_interval_s: _PositiveFloat = 5.0
+    probe_timeout_s: _PositiveFloat = 2.0
+    start_timeout_s: _PositiveFloat = 30.0
+    stop_timeout_s: _PositiveFloat = 10.0
+    command_timeout_s: _PositiveFloat = 30.0
 
 
 class LogConfig(_Section):

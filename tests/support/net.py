@@ -14,7 +14,27 @@ from tests.support.run import sh
 
 #: Each bridge gets its own /24 out of this block; bridges have no uplink and the host has no
 #: address on them, so nothing sent there can leave the machine.
-_SUBNETS = ipaddress.IPv4Network("10.213.0.0/16").subnets(new_prefix=24)
+TEST_BLOCK = ipaddress.IPv4Network("10.213.0.0/16")
+_SUBNETS = TEST_BLOCK.subnets(new_prefix=24)
+
+
+def fence_test_block() -> bool:
+    """Blackhole the test block in the host's namespace; True if this call added the route.
+
+    Namespaces on a test bridge reach each other over the bridge, never through the host. A
+    connection made from the host's own namespace to a test address would otherwise follow
+    the default route off the machine; with this route it fails at once instead.
+    """
+    routes = sh(["ip", "route", "show", "type", "blackhole", str(TEST_BLOCK)], check=False)
+    if routes.strip():
+        return False
+    sh(["ip", "route", "add", "blackhole", str(TEST_BLOCK)])
+    return True
+
+
+def unfence_test_block() -> None:
+    """Remove the blackhole route added by :func:`fence_test_block`."""
+    sh(["ip", "route", "del", "blackhole", str(TEST_BLOCK)], check=False)
 
 
 def pids_in(netns: str) -> list[int]:

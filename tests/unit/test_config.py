@@ -100,6 +100,10 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.zones.root_squash is True
     assert (cfg.zones.ganesha_bin, cfg.zones.rpcbind_bin) == ("ganesha.nfsd", "rpcbind")
     assert cfg.zones.probe_interval_s == 5.0
+    assert (cfg.zones.anonymous_uid, cfg.zones.anonymous_gid) == (65534, 65534)
+    assert cfg.zones.cgroup_parent == "/volagent"
+    assert (cfg.zones.probe_timeout_s, cfg.zones.start_timeout_s) == (2.0, 30.0)
+    assert (cfg.zones.stop_timeout_s, cfg.zones.command_timeout_s) == (10.0, 30.0)
     assert (cfg.log.level, cfg.log.format) == ("info", "auto")
 
 
@@ -159,6 +163,13 @@ root_squash = false
 ganesha_bin = "/usr/bin/ganesha.nfsd"
 rpcbind_bin = "/sbin/rpcbind"
 probe_interval_s = 1.5
+anonymous_uid = 2147483647
+anonymous_gid = 0
+cgroup_parent = "volagent-zones"
+probe_timeout_s = 0.5
+start_timeout_s = 5
+stop_timeout_s = 1.5
+command_timeout_s = 7
 
 [log]
 level = "trace"
@@ -200,6 +211,10 @@ def test_full_valid_file(tmp_path: Path) -> None:
     assert cfg.zones.ganesha_bin == "/usr/bin/ganesha.nfsd"
     assert cfg.zones.rpcbind_bin == "/sbin/rpcbind"
     assert cfg.zones.probe_interval_s == 1.5
+    assert (cfg.zones.anonymous_uid, cfg.zones.anonymous_gid) == (2147483647, 0)
+    assert cfg.zones.cgroup_parent == "volagent-zones"
+    assert (cfg.zones.probe_timeout_s, cfg.zones.start_timeout_s) == (0.5, 5.0)
+    assert (cfg.zones.stop_timeout_s, cfg.zones.command_timeout_s) == (1.5, 7.0)
     assert (cfg.log.level, cfg.log.format) == ("trace", "json")
 
 
@@ -402,6 +417,17 @@ def test_section_that_is_not_a_table(tmp_path: Path) -> None:
         ("zones", "cpus", 0, "greater than 0"),
         ("zones", "ganesha_bin", "", "must not be empty"),
         ("zones", "probe_interval_s", 0.0, "greater than 0"),
+        ("zones", "anonymous_uid", 2147483648, "less than or equal to 2147483647"),
+        ("zones", "anonymous_uid", -2, "greater than or equal to 0"),
+        ("zones", "anonymous_gid", 4294967294, "less than or equal to 2147483647"),
+        ("zones", "cgroup_parent", "", "must be a cgroup path"),
+        ("zones", "cgroup_parent", "/", "must be a cgroup path"),
+        ("zones", "cgroup_parent", "/a b", "must be a cgroup path"),
+        ("zones", "cgroup_parent", "/volagent/../x", "must be a cgroup path"),
+        ("zones", "cgroup_parent", "/volagent/", "must be a cgroup path"),
+        ("zones", "cgroup_parent", "a//b", "must be a cgroup path"),
+        ("zones", "start_timeout_s", 0, "greater than 0"),
+        ("zones", "stop_timeout_s", -1, "greater than 0"),
         ("log", "level", "verbose", "must be 'trace', 'debug', 'info', 'warn', 'error' or"),
         ("log", "format", "text", "must be 'auto', 'json' or 'console'"),
     ],

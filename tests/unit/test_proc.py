@@ -509,3 +509,79 @@ async def test_spawn_refuses_a_shell_string() -> None:
     with pytest.raises(TypeError):
         async with proc.spawn("cat"):
             pass
+
+
+# ---------------------------------------------------------------- start_detached
+
+# Publishes "<pid> <session id> <process group id>" atomically in argv[1], writes a line to
+# stdout and one to stderr, then sleeps.
+DETACHED = """
+import os, sys, time
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {os.getsid(0)} {os.getpgid(0)}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+print("to stdout", flush=True)
+print("to stderr", file=sys.stderr, flush=True)
+time.sleep(60)
+"""
+
+
+async def wait_published(path: Path) -> str:
+    deadline = time.monotonic() + 30
+    while (text := published(path)) is None:
+        assert time.monotonic() < deadline, "the detached program did not publish"
+        await asyncio.sleep(0.01)
+    return text
+
+
+async def test_start_detached_returns_while_the_program_runs_in_its_own_session(
+    tmp_path: Path, logs: LogEntries
+) -> None:
+    info, log = tmp_path / "info", tmp_path / "out.log"
+    await proc.start_detached([PY, "-c", DETACHED, str(info)], log=log, timeout=10)
+    pid, sid, pgid = (int(n) for n in (await wait_published(info)).split())
+    try:
+        assert proc_state(pid) not in (None, "Z")
+        assert sid == pid == pgid  # leads a new session and group: no killpg of ours reaches it
+        assert sid != os.getsid(0)
+        with pytest.raises(ChildProcessError):  # not our child: it does not die with us
+            os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222  # WNOHANG never blocks
+        deadline = time.monotonic() + 30
+        while "to stderr" not in str(published(log)):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert "to stdout" in log.read_text()
+        assert log.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    (line,) = exec_lines(logs)
+    assert line["argv"][:2] == ["setsid", "-f"]
+    assert line["returncode"] == 0
+    assert line["detached"] is True
+
+
+async def test_start_detached_appends_to_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    log.write_text("before\n")
+    await proc.start_detached(["echo", "first"], log=log, timeout=10)
+    await proc.start_detached(["echo", "second"], log=log, timeout=10)
+    deadline = time.monotonic() + 30
+    while log.read_text().count("\n") < 3:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert log.read_text().splitlines()[0] == "before"
+    assert sorted(log.read_text().splitlines()[1:]) == ["first", "second"]
+
+
+async def test_start_detached_of_a_missing_program_is_command_not_found(tmp_path: Path) -> None:
+    log = tmp_path / "out.log"
+    with pytest.raises(CommandNotFound, match="no-such-program-volagent"):
+        await proc.start_detached(["no-such-program-volagent"], log=log, timeout=10)
+    assert not log.exists()
+
+
+async def test_start_detached_checks_argv_and_timeout(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        await proc.start_detached("sleep 1", log=tmp_path / "log", timeout=10)
+    with pytest.raises(ValueError, match="timeout"):
+        await proc.start_detached(["true"], log=tmp_path / "log", timeout=0)

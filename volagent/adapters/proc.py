@@ -1,5 +1,7 @@
 """The one door to subprocesses: :func:`run` to completion, :func:`spawn` to stream.
 
+:func:`start_detached` starts a program that must outlive the agent (a zone's server).
+
 Argv lists only (never a shell string), a timeout on every call, stdin from /dev/null unless
 input is given, capped output, one log line (event ``exec``) with the duration per child. Each
 child leads a session of its own, so a timeout, a cancellation or leaving :func:`spawn` SIGKILLs
@@ -17,6 +19,7 @@ import asyncio
 import errno
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -39,6 +42,7 @@ _REAP_GRACE: Final = 10.0  # seconds a SIGKILLed child gets to be reaped before 
 _ERROR_STDOUT: Final = 4 * 1024  # characters of stdout kept in a CommandError
 _LOG_STDERR: Final = 1024  # characters of stderr in a log line
 _TRUNCATED: Final = "[...] "  # starts output whose beginning was dropped
+_SETSID: Final = "setsid"  # util-linux: run a program in a new session, -f to always fork
 _NOT_RUNNABLE: Final = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR})
 
 
@@ -226,6 +230,61 @@ async def spawn(
             _log_exec(args, proc, started, process.stderr_text, failed=failed, killed=running)
 
 
+async def start_detached(
+    argv: Sequence[str],
+    *,
+    log: str | os.PathLike[str],
+    timeout: float,  # noqa: ASYNC109  # a deadline per call is the API
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> None:
+    """Start ``argv`` so that it outlives the agent, through ``setsid -f``.
+
+    The program runs in a session of its own as the child of ``setsid``'s fork, so it is
+    neither the agent's child nor in any of its process groups; stdin is /dev/null, stdout and
+    stderr are appended to ``log`` (created with mode 0600). Only ``setsid`` is waited for, and
+    it exits as soon as it has forked: nothing here learns the program's pid or whether it
+    keeps running (have it write a pid file). Raises :class:`CommandNotFound` when ``setsid``
+    or the program is not found, :class:`CommandTimeout` when ``setsid`` does not return
+    within ``timeout`` seconds.
+    """
+    args = _check_argv(argv)
+    _check_timeout(timeout)
+    search = None if env is None else env.get("PATH", "")
+    for program in (_SETSID, args[0]):
+        if shutil.which(program, path=search) is None:
+            raise CommandNotFound(f"cannot run {program}: not found", argv=args)
+    command = (_SETSID, "-f", *args)
+    started = time.monotonic()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        transport, proc = await _start(
+            command, stdin=DEVNULL, stdout=fd, stderr=fd, env=env, cwd=cwd
+        )
+    finally:
+        os.close(fd)
+    try:
+        async with asyncio.timeout(timeout):
+            returncode = await proc.wait()
+    except BaseException as exc:  # timeout, cancellation: setsid itself must not linger
+        timed_out = isinstance(exc, TimeoutError)
+        try:
+            await _kill(transport, proc)
+        finally:
+            error = "timeout" if timed_out else type(exc).__name__
+            _log_exec(command, proc, started, "", failed=True, error=error)
+        if timed_out:
+            raise _timed_out(command, timeout, "") from exc
+        raise
+    _log_exec(command, proc, started, "", failed=returncode != 0, detached=True)
+    if returncode != 0:
+        raise CommandError(
+            f"{_SETSID} exited with status {returncode} (see {os.fspath(log)})",
+            argv=command,
+            returncode=returncode,
+        )
+
+
 def _check_argv(argv: object) -> tuple[str, ...]:
     """Refuse anything but a non-empty list or tuple of strings without NUL (a bug if not)."""
     if not isinstance(argv, list | tuple):
@@ -253,8 +312,9 @@ async def _start(
     stdout: int,
     env: Mapping[str, str] | None,
     cwd: str | os.PathLike[str] | None,
+    stderr: int = _PIPE,
 ) -> tuple[asyncio.SubprocessTransport, asyncio.subprocess.Process]:
-    """Start ``argv`` in a new session with stderr piped; map start failures to our errors.
+    """Start ``argv`` in a new session (stderr piped by default); map start failures to ours.
 
     A cancellation while starting waits for the start to finish, then kills the process group.
     """
@@ -268,7 +328,7 @@ async def _start(
             *argv,
             stdin=stdin,
             stdout=stdout,
-            stderr=_PIPE,
+            stderr=stderr,
             env=None if env is None else dict(env),
             cwd=cwd,
             start_new_session=True,
