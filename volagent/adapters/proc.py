@@ -25,10 +25,11 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
+from volagent import aio
 from volagent.errors import CommandError, CommandNotFound, CommandTimeout
 
 #: For ``stdin``/``stdout`` of :func:`spawn`: connect the child to /dev/null.
@@ -335,7 +336,7 @@ async def _start(
         )
     )
     try:
-        await _settle(start)
+        transport, protocol = await aio.uninterrupted(start)
     except asyncio.CancelledError:
         if start.exception() is None:
             transport, protocol = start.result()
@@ -345,8 +346,6 @@ async def _start(
             finally:
                 _log_exec(argv, proc, started, "", failed=True, error="CancelledError")
         raise
-    try:
-        transport, protocol = start.result()
     except OSError as exc:
         # A failed exec reports the program as filename; a failed chdir reports cwd.
         missing = exc.errno in _NOT_RUNNABLE and exc.filename == argv[0]
@@ -381,19 +380,7 @@ async def _kill(transport: asyncio.SubprocessTransport, proc: asyncio.subprocess
     for fd in (0, 1, 2):
         if (pipe := transport.get_pipe_transport(fd)) is not None:
             pipe.close()
-    await _settle(asyncio.ensure_future(_reap(proc)))
-
-
-async def _settle(task: asyncio.Future[Any]) -> None:
-    """Wait for ``task`` to finish even through cancellations, then raise any such cancellation."""
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
+    await aio.uninterrupted(_reap(proc))
 
 
 async def _reap(proc: asyncio.subprocess.Process) -> None:

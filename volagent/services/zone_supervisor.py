@@ -25,15 +25,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, NoReturn, TypeVar
+from typing import Final, NoReturn
 
 import structlog
 
+from volagent import aio
 from volagent.errors import VolagentError
 from volagent.ports.zones import Zones, ZoneSpec, ZoneState, ZoneStatus
 
 _log = structlog.get_logger(__name__)
-_T = TypeVar("_T")
 
 #: What :meth:`ZoneSupervisor.run` is called in the daemon's task group.
 TASK_NAME: Final = "zone-supervisor"
@@ -209,7 +209,7 @@ class ZoneSupervisor:
         watch.consecutive += 1
         watch.not_before = now + self.policy.backoff(watch.consecutive)
         try:
-            restarted = await _uninterrupted(self._zones.restart(watch.spec))
+            restarted = await aio.uninterrupted(self._zones.restart(watch.spec))
         except VolagentError as exc:
             _log.warning("zone_restart_failed", volume_uuid=uuid, reason=reason, error=exc.message)
             return None
@@ -232,17 +232,3 @@ class ZoneSupervisor:
             backoff_s=self.policy.backoff(watch.consecutive),
         )
         return watch.status
-
-
-async def _uninterrupted(aw: Awaitable[_T]) -> _T:
-    """Await ``aw`` to its end even when cancelled meanwhile; such a cancellation comes after."""
-    task = asyncio.ensure_future(aw)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return task.result()
