@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,7 @@ from tests.support.nfs import NfsClient
 from tests.support.run import sh
 from tests.support.zfs import Daemon, Pool, destroy_dataset_tree
 from tests.support.zones import ZoneBed
+from volagent.adapters import proc
 from volagent.adapters.zfs import ZfsCli
 from volagent.ports.storage import Capabilities
 
@@ -127,6 +129,20 @@ def zfs_capabilities(zpool: Pool) -> Capabilities:
 def storage(zfs_capabilities: Capabilities) -> ZfsCli:
     """The CLI storage driver, with the run's detected capabilities."""
     return ZfsCli(command_timeout_s=60, capabilities=zfs_capabilities)
+
+
+@pytest.fixture
+def zfs_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """Every argv run through ``proc.run`` from now on (to count the driver's zfs calls)."""
+    calls: list[tuple[str, ...]] = []
+    real = proc.run
+
+    async def spy(argv: Any, **kw: Any) -> proc.Completed:
+        calls.append(tuple(argv))
+        return await real(argv, **kw)
+
+    monkeypatch.setattr(proc, "run", spy)
+    return calls
 
 
 @pytest.fixture

@@ -8,56 +8,25 @@ step to stdout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.agent import CLIENT_ID, OFFLINE, WAIT, mqtt_config, receive, running, until
 from tests.support.mqtt import Mosquitto
-from volagent.adapters.mqtt import Incoming, MqttAdapter
+from volagent.adapters.mqtt import MqttAdapter
 from volagent.config import Config
 
 pytestmark = pytest.mark.mqtt
 
-CN = "7d1c6a0e-2f4b-4b8e-8a51-0c9e3d2f6a44"
-CLIENT_ID = f"volagent-{CN}"
-OFFLINE = f'{{"v":1,"cn":"{CN}","state":"offline"}}'
-WAIT = 30  # seconds: only to turn a hang into a failure
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_config(url: str) -> Config:
-    return Config.model_validate(
-        {"node": {"uuid": CN}, "storage": {"dataset_root": "tank/v"}, "mqtt": {"url": url}}
-    )
-
-
-@contextlib.asynccontextmanager
-async def running(adapter: MqttAdapter) -> AsyncIterator[None]:
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(adapter.run(), name="volagent.mqtt")
-        try:
-            yield
-        finally:
-            adapter.stop()
-
-
-async def receive(adapter: MqttAdapter) -> Incoming:
-    async with asyncio.timeout(WAIT):
-        return await adapter.receive()
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not predicate():  # noqa: ASYNC110  # polls files and snapshots from outside
-            await asyncio.sleep(0.05)
 
 
 def pubacks(broker: Mosquitto) -> list[int]:
@@ -111,7 +80,7 @@ async def test_plain_aiomqtt_acknowledges_before_the_consumer_has_the_message(
     mosquitto: Mosquitto, child: Callable[[str], Child]
 ) -> None:
     """Why the adapter exists: paho's automatic PUBACK goes out when aiomqtt queues."""
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     receiver = child("aiomqtt")
     assert await receiver.next() == {"step": "connected"}
     mosquitto.pub(config.tasks_topic, "task-1")
@@ -129,7 +98,7 @@ async def test_plain_aiomqtt_acknowledges_before_the_consumer_has_the_message(
 async def test_killed_before_ack_the_broker_delivers_the_task_again(
     mosquitto: Mosquitto, child: Callable[[str], Child]
 ) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     receiver = child("hold")
     assert await receiver.next() == {"step": "connected"}
     mosquitto.pub(config.tasks_topic, "task-1")
@@ -154,7 +123,7 @@ async def test_killed_before_ack_the_broker_delivers_the_task_again(
 async def test_killed_after_ack_the_task_is_not_delivered_again(
     mosquitto: Mosquitto, child: Callable[[str], Child]
 ) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     receiver = child("ack")
     assert await receiver.next() == {"step": "connected"}
     mosquitto.pub(config.tasks_topic, "task-1")
@@ -173,7 +142,7 @@ async def test_killed_after_ack_the_task_is_not_delivered_again(
 async def test_kill_9_makes_the_broker_publish_the_offline_will(
     mosquitto: Mosquitto, child: Callable[[str], Child]
 ) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     receiver = child("hold")
     assert await receiver.next() == {"step": "connected"}
     assert json.loads(mosquitto.sub(config.status_topic, count=1)[0])["state"] == "online"
@@ -183,7 +152,7 @@ async def test_kill_9_makes_the_broker_publish_the_offline_will(
 
 
 async def test_acks_are_sent_in_arrival_order(mosquitto: Mosquitto) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     adapter = MqttAdapter(config, receive_maximum=4)
     async with running(adapter):
         await adapter.wait_connected(WAIT)
@@ -205,7 +174,7 @@ async def test_acks_are_sent_in_arrival_order(mosquitto: Mosquitto) -> None:
 
 async def test_unacknowledged_tasks_are_held_back_by_the_broker(mosquitto: Mosquitto) -> None:
     """Backpressure: with no PUBACK the broker stops after Receive Maximum messages."""
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     adapter = MqttAdapter(config, receive_maximum=3)
     tasks = [f"task-{n}" for n in range(10)]
     async with running(adapter):
@@ -231,7 +200,7 @@ async def test_unacknowledged_tasks_are_held_back_by_the_broker(mosquitto: Mosqu
 async def test_an_ack_after_the_connection_is_gone_is_dropped_and_the_task_comes_again(
     mosquitto: Mosquitto,
 ) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     adapter = MqttAdapter(config, retry_base_s=0.1, retry_cap_s=0.5)
     async with running(adapter):
         await adapter.wait_connected(WAIT)
@@ -255,7 +224,7 @@ async def _child(url: str, mode: str) -> None:
         sys.stdout.write(json.dumps(step) + "\n")
         sys.stdout.flush()
 
-    config = make_config(url)
+    config = mqtt_config(url)
     if mode == "aiomqtt":
         await _plain_aiomqtt(config, say)
         return

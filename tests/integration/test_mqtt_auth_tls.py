@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import MQTT_USER
+from tests.support.agent import WAIT, mqtt_config, running, until
 from tests.support.mqtt import Mosquitto, TlsFiles
 from tests.support.run import sh
 from volagent.adapters.mqtt import MqttAdapter
@@ -19,36 +18,8 @@ from volagent.config import Config
 
 pytestmark = pytest.mark.mqtt
 
-CN = "c3a9e4d2-1b7f-4e60-9a8d-5f2c1e0b4d77"
-WAIT = 30  # seconds: only to turn a hang into a failure
 USER, PASSWORD = next(iter(MQTT_USER.items()))
 AUTH = {"username": USER, "password": PASSWORD}
-
-
-def make_config(url: str, **mqtt: Any) -> Config:
-    return Config.model_validate(
-        {
-            "node": {"uuid": CN},
-            "storage": {"dataset_root": "tank/v"},
-            "mqtt": {"url": url, **mqtt},
-        }
-    )
-
-
-@contextlib.asynccontextmanager
-async def running(adapter: MqttAdapter) -> AsyncIterator[asyncio.Task[None]]:
-    async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(adapter.run(), name="volagent.mqtt")
-        try:
-            yield task
-        finally:
-            adapter.stop()
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not predicate():  # noqa: ASYNC110  # polls a state snapshot from outside
-            await asyncio.sleep(0.05)
 
 
 async def round_trip(broker: Mosquitto, adapter: MqttAdapter, config: Config) -> bytes:
@@ -67,7 +38,7 @@ async def round_trip(broker: Mosquitto, adapter: MqttAdapter, config: Config) ->
 async def test_the_password_file_authenticates(mosquitto_auth: Mosquitto, tmp_path: Path) -> None:
     password_file = tmp_path / "password"
     password_file.write_text(PASSWORD + "\n")
-    config = make_config(mosquitto_auth.url, username=USER, password_file=str(password_file))
+    config = mqtt_config(mosquitto_auth.url, username=USER, password_file=str(password_file))
     adapter = MqttAdapter(config)
     async with running(adapter):
         await adapter.wait_connected(WAIT)
@@ -80,7 +51,7 @@ async def test_a_wrong_password_is_reported_and_retried_until_the_file_is_fixed(
 ) -> None:
     password_file = tmp_path / "password"
     password_file.write_text("not-the-password\n")
-    config = make_config(mosquitto_auth.url, username=USER, password_file=str(password_file))
+    config = mqtt_config(mosquitto_auth.url, username=USER, password_file=str(password_file))
     adapter = MqttAdapter(config, retry_base_s=0.1, retry_cap_s=0.5)
     async with running(adapter) as task:
         await until(lambda: adapter.state.failed_attempts >= 3)
@@ -103,7 +74,7 @@ async def test_a_missing_password_file_is_reported_and_retried(
     mosquitto_auth: Mosquitto, tmp_path: Path
 ) -> None:
     password_file = tmp_path / "absent"
-    config = make_config(mosquitto_auth.url, username=USER, password_file=str(password_file))
+    config = mqtt_config(mosquitto_auth.url, username=USER, password_file=str(password_file))
     adapter = MqttAdapter(config, retry_base_s=0.1, retry_cap_s=0.5)
     async with running(adapter):
         await until(lambda: adapter.state.failed_attempts >= 2)
@@ -170,7 +141,7 @@ def mosquitto_tls(tmp_path: Path) -> Any:
 async def test_tls_with_a_private_ca(mosquitto_tls: Mosquitto) -> None:
     assert mosquitto_tls.tls is not None
     assert mosquitto_tls.url.startswith("mqtts://127.0.0.1:")
-    config = make_config(mosquitto_tls.url, ca_file=str(mosquitto_tls.tls.ca))
+    config = mqtt_config(mosquitto_tls.url, ca_file=str(mosquitto_tls.tls.ca))
     mosquitto_tls.open_session(config.events_topic, "observer")
     adapter = MqttAdapter(config)
     async with running(adapter):
@@ -184,7 +155,7 @@ async def test_tls_refuses_a_broker_signed_by_another_ca(
     mosquitto_tls: Mosquitto, tmp_path: Path
 ) -> None:
     _, other_ca = make_ca(tmp_path / "other", "someone-else")
-    config = make_config(mosquitto_tls.url, ca_file=str(other_ca))
+    config = mqtt_config(mosquitto_tls.url, ca_file=str(other_ca))
     adapter = MqttAdapter(config, retry_base_s=0.1, retry_cap_s=0.5)
     async with running(adapter) as task:
         await until(lambda: adapter.state.failed_attempts >= 2)

@@ -7,53 +7,16 @@ import contextlib
 import json
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
+from tests.support.agent import CN, OFFLINE, WAIT, mqtt_config, receive, running, until
 from tests.support.mqtt import Mosquitto
-from volagent.adapters.mqtt import BrokerState, BrokerUnavailable, Incoming, MqttAdapter
+from volagent.adapters.mqtt import BrokerState, BrokerUnavailable, MqttAdapter
 from volagent.config import Config
 
 pytestmark = pytest.mark.mqtt
-
-CN = "0b6f3c6e-5c4e-4c0a-9d5e-3f1f8a2b7c10"
-WAIT = 30  # seconds: only to turn a hang into a failure
-OFFLINE = '{"v":1,"cn":"0b6f3c6e-5c4e-4c0a-9d5e-3f1f8a2b7c10","state":"offline"}'
-
-
-def make_config(url: str, *, limits: dict[str, int] | None = None, **mqtt: Any) -> Config:
-    return Config.model_validate(
-        {
-            "node": {"uuid": CN},
-            "storage": {"dataset_root": "tank/volumes"},
-            "mqtt": {"url": url, **mqtt},
-            "limits": limits or {},
-        }
-    )
-
-
-@contextlib.asynccontextmanager
-async def running(adapter: MqttAdapter) -> AsyncIterator[asyncio.Task[None]]:
-    """Run the adapter as the daemon does (a task of a TaskGroup); stop it cleanly after."""
-    async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(adapter.run(), name="volagent.mqtt")
-        try:
-            yield task
-        finally:
-            adapter.stop()
-
-
-async def receive(adapter: MqttAdapter) -> Incoming:
-    async with asyncio.timeout(WAIT):
-        return await adapter.receive()
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not predicate():  # noqa: ASYNC110  # polls state the adapter has no event for
-            await asyncio.sleep(0.05)
 
 
 def status(broker: Mosquitto, config: Config) -> str:
@@ -62,7 +25,7 @@ def status(broker: Mosquitto, config: Config) -> str:
 
 
 async def test_connects_subscribes_and_hands_over_tasks(mosquitto: Mosquitto) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     adapter = MqttAdapter(config)
     async with running(adapter):
         await adapter.wait_connected(15)
@@ -88,7 +51,7 @@ async def test_connects_subscribes_and_hands_over_tasks(mosquitto: Mosquitto) ->
 async def test_status_is_retained_online_and_offline_after_a_clean_stop(
     mosquitto: Mosquitto,
 ) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     adapter = MqttAdapter(config)
     async with running(adapter) as task:
         await adapter.wait_connected(15)
@@ -102,7 +65,7 @@ async def test_status_is_retained_online_and_offline_after_a_clean_stop(
 
 
 async def test_a_custom_online_document_is_published_on_connect(mosquitto: Mosquitto) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     adapter = MqttAdapter(
         config, online_status=lambda: {"v": 1, "cn": CN, "state": "online", "x": 7}
     )
@@ -117,7 +80,7 @@ async def test_a_custom_online_document_is_published_on_connect(mosquitto: Mosqu
 
 
 async def test_events_are_published_at_qos_1_in_order(mosquitto: Mosquitto) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     mosquitto.open_session(config.events_topic, "observer")
     adapter = MqttAdapter(config)
     events = [json.dumps({"v": 1, "task": "t-1", "seq": seq}).encode() for seq in range(1, 4)]
@@ -132,7 +95,7 @@ async def test_events_are_published_at_qos_1_in_order(mosquitto: Mosquitto) -> N
 async def test_publish_event_waits_for_a_connection_and_is_confirmed_after_it(
     mosquitto: Mosquitto,
 ) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     mosquitto.open_session(config.events_topic, "observer")
     adapter = MqttAdapter(config, retry_base_s=0.1, retry_cap_s=0.5)
     async with running(adapter):
@@ -151,7 +114,7 @@ async def test_publish_event_waits_for_a_connection_and_is_confirmed_after_it(
 async def test_publish_event_without_a_broker_raises_broker_unavailable(
     mosquitto: Mosquitto,
 ) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     adapter = MqttAdapter(config, retry_base_s=0.1, retry_cap_s=0.5)
     async with running(adapter):
         await adapter.wait_connected(15)
@@ -167,7 +130,7 @@ async def test_publish_event_without_a_broker_raises_broker_unavailable(
 async def test_tasks_published_while_the_agent_is_down_arrive_when_it_returns(
     mosquitto: Mosquitto,
 ) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     first = MqttAdapter(config)
     async with running(first):
         await first.wait_connected(15)
@@ -187,7 +150,7 @@ async def test_tasks_published_while_the_agent_is_down_arrive_when_it_returns(
 async def test_after_a_broker_restart_it_reconnects_and_subscribes_again(
     mosquitto: Mosquitto,
 ) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     states: list[BrokerState] = []
     adapter = MqttAdapter(config, retry_base_s=0.1, retry_cap_s=1, on_state=states.append)
     async with running(adapter):
@@ -219,7 +182,7 @@ async def test_after_a_broker_restart_it_reconnects_and_subscribes_again(
 async def test_oversize_payloads_are_marked_and_oversize_packets_never_arrive(
     mosquitto: Mosquitto,
 ) -> None:
-    config = make_config(mosquitto.url, limits={"max_task_bytes": 1000})
+    config = mqtt_config(mosquitto.url, limits={"max_task_bytes": 1000})
     adapter = MqttAdapter(config, max_packet_bytes=4096)
     big = '{"id":"t-big","pad":"' + "x" * 1500 + '"}'
     async with running(adapter):
@@ -240,7 +203,7 @@ async def test_oversize_payloads_are_marked_and_oversize_packets_never_arrive(
 
 async def test_stop_before_any_connection_returns_promptly(mosquitto: Mosquitto) -> None:
     mosquitto.stop()
-    adapter = MqttAdapter(make_config(mosquitto.url), retry_base_s=5, retry_cap_s=5)
+    adapter = MqttAdapter(mqtt_config(mosquitto.url), retry_base_s=5, retry_cap_s=5)
     async with running(adapter) as task:
         await until(lambda: adapter.state.failed_attempts >= 1)
         assert not task.done()
@@ -252,7 +215,7 @@ async def test_a_broker_that_never_answers_times_out_and_its_socket_is_closed() 
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         adapter = MqttAdapter(
-            make_config(f"mqtt://127.0.0.1:{port}"), op_timeout_s=0.5, retry_base_s=0.1
+            mqtt_config(f"mqtt://127.0.0.1:{port}"), op_timeout_s=0.5, retry_base_s=0.1
         )
         async with running(adapter) as task:
             first, _ = await asyncio.to_thread(server.accept)
@@ -285,7 +248,7 @@ def frozen(broker: Mosquitto) -> Iterator[None]:
 
 
 async def test_publish_event_returns_only_after_the_puback(mosquitto: Mosquitto) -> None:
-    config = make_config(mosquitto.url)
+    config = mqtt_config(mosquitto.url)
     mosquitto.open_session(config.events_topic, "observer")
     adapter = MqttAdapter(config)
     async with running(adapter):
@@ -299,7 +262,7 @@ async def test_publish_event_returns_only_after_the_puback(mosquitto: Mosquitto)
 
 
 async def test_a_silent_broker_is_found_out_by_keepalive_and_left(mosquitto: Mosquitto) -> None:
-    config = make_config(mosquitto.url, keepalive_s=1)
+    config = mqtt_config(mosquitto.url, keepalive_s=1)
     adapter = MqttAdapter(config, op_timeout_s=2, retry_base_s=0.1, retry_cap_s=0.5)
     async with running(adapter):
         await adapter.wait_connected(WAIT)

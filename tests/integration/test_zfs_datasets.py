@@ -21,20 +21,6 @@ from volagent.ports.storage import CanMount, DatasetOptions, Storage
 pytestmark = pytest.mark.zfs
 
 
-@pytest.fixture
-def zfs_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
-    """Every argv the driver runs from now on."""
-    calls: list[tuple[str, ...]] = []
-    real = proc.run
-
-    async def spy(argv: Any, **kw: Any) -> proc.Completed:
-        calls.append(tuple(argv))
-        return await real(argv, **kw)
-
-    monkeypatch.setattr(proc, "run", spy)
-    return calls
-
-
 def raw_get(name: str, prop: str) -> str:
     return sh(["zfs", "get", "-H", "-p", "-o", "value", prop, name]).rstrip("\n")
 

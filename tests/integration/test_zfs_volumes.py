@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from tests.support.run import sh
 from tests.support.zfs import Pool
-from volagent.adapters import proc
 from volagent.adapters.zfs import COMPLETE_PROPERTY, ZfsCli
 from volagent.adapters.zfs_errors import DatasetExists, DatasetNotFound
 from volagent.errors import InvalidParameter
@@ -20,19 +18,6 @@ from volagent.ports.storage import DatasetOptions
 pytestmark = pytest.mark.zfs
 
 KEYS = ("name", "owner_uuid", "size_mib", "labels")
-
-
-@pytest.fixture
-def zfs_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
-    calls: list[tuple[str, ...]] = []
-    real = proc.run
-
-    async def spy(argv: Any, **kw: Any) -> proc.Completed:
-        calls.append(tuple(argv))
-        return await real(argv, **kw)
-
-    monkeypatch.setattr(proc, "run", spy)
-    return calls
 
 
 def spec(i: int) -> dict[str, str]:
