@@ -449,46 +449,73 @@ def _columns(path: Path) -> tuple[int, list[str]]:
     return version, columns
 
 
-def test_a_version_1_journal_with_data_is_migrated_once(path: Path) -> None:
-    with Journal.open(path, migrations=MIGRATIONS[:1]) as j:
+def test_a_journal_with_data_is_migrated_once(path: Path) -> None:
+    latest = len(MIGRATIONS)
+    with Journal.open(path) as j:
         receive(j, "t1")
         receive(j, "t2")
         succeed(j, "t2")
         j.bump_generation("a")
         before = (j.get("t1"), j.get("t2"))
-    assert _columns(path)[0] == 1
+    assert _columns(path)[0] == latest
 
     applied: list[int] = []
 
     def counted(conn: sqlite3.Connection) -> None:
-        applied.append(2)
+        applied.append(latest + 1)
         _add_note(conn)
 
-    migrations: tuple[Migration, ...] = (*MIGRATIONS[:1], counted)
+    migrations: tuple[Migration, ...] = (*MIGRATIONS, counted)
     for _ in range(2):
         with Journal.open(path, migrations=migrations) as j:
             assert (j.get("t1"), j.get("t2")) == before
             assert j.generation("a") == 1
-    assert applied == [2]
+    assert applied == [latest + 1]
     version, columns = _columns(path)
-    assert (version, columns[-1]) == (2, "note")
+    assert (version, columns[-1]) == (latest + 1, "note")
     conn = sqlite3.connect(path)
     notes = conn.execute("SELECT id, note FROM tasks ORDER BY id").fetchall()
     conn.close()
     assert notes == [("t1", "was received"), ("t2", "was succeeded")]
 
 
+def test_a_version_1_journal_gains_steps_and_the_event_outbox(path: Path) -> None:
+    with Journal.open(path, migrations=MIGRATIONS[:1]):
+        pass
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(
+            "INSERT INTO tasks (id, kind, volume_uuid, state, raw, received)"
+            " VALUES ('t1', 'volume.get', 'v1', 'received', x'7b7d', '2026-11-21T10:00:00.000000Z')"
+        )
+    conn.close()
+    with Journal.open(path) as j:
+        task = j.get("t1")
+        assert task is not None
+        assert task.steps == ()
+        j.step_done("t1", "made")
+        _, body = j.add_event("t1", lambda seq: f"e{seq}".encode())
+        assert body == b"e1"
+        assert [b for _, b in j.events_queued(10)] == [b"e1"]
+        assert j.get("t1") is not None
+        assert j.get("t1").steps == ("made",)  # type: ignore[union-attr]  # checked just above
+    assert _columns(path)[0] == len(MIGRATIONS)
+
+
 def test_a_failing_migration_leaves_the_journal_as_it_was(path: Path) -> None:
     with Journal.open(path) as j:
         receive(j, "t1")
-    with pytest.raises(StartupError, match="could not be migrated to schema 2") as caught:
+    latest = len(MIGRATIONS)
+    with pytest.raises(
+        StartupError, match=f"could not be migrated to schema {latest + 1}"
+    ) as caught:
         Journal.open(path, migrations=(*MIGRATIONS, _half_then_fail))
     assert isinstance(caught.value.__cause__, RuntimeError)
     version, columns = _columns(path)
-    assert (version, "note" in columns) == (1, False)
+    assert (version, "note" in columns) == (latest, False)
     with Journal.open(path, migrations=(*MIGRATIONS, _add_note)) as j:
         assert j.get("t1") is not None
-    assert _columns(path)[0] == 2
+    assert _columns(path)[0] == latest + 1
 
 
 def test_a_journal_written_by_a_newer_agent_is_refused(path: Path) -> None:
@@ -586,3 +613,49 @@ async def test_a_facade_that_cannot_open_raises_and_leaves_no_thread(junk: Path)
     for thread in set(journal_threads()) - before:
         thread.join(timeout=10)
     assert set(journal_threads()) - before == set()
+
+
+# ---------------------------------------------------------------- events and steps
+
+
+def test_events_are_numbered_queued_and_acknowledged_in_order(journal: Journal) -> None:
+    receive(journal, "t1")
+    receive(journal, "t2")
+    first, b1 = journal.add_event("t1", lambda seq: event("t1", seq, "accepted"))
+    _, b2 = journal.add_event("t2", lambda seq: event("t2", seq, "accepted"))
+    _, b3 = journal.add_event("t1", lambda seq: event("t1", seq, "running"))
+    assert json.loads(b3)["seq"] == 2
+    terminal = event("t1", journal.next_seq("t1"))
+    last = journal.finish(
+        "t1", TaskState.SUCCEEDED, terminal_event=terminal, now=T0, result={}, publish=True
+    )
+    assert [body for _, body in journal.events_queued(10)] == [b1, b2, b3, terminal]
+    assert journal.events_ack(first) == 1
+    assert [body for _, body in journal.events_queued(10)] == [b2, b3, terminal]
+    assert last is not None
+    assert journal.events_ack(last) == 3
+    assert journal.events_queued(10) == []
+    again = journal.queue_event("t1", terminal)
+    assert journal.events_queued(10) == [(again, terminal)]
+
+
+def test_no_event_for_a_finished_or_unknown_task(journal: Journal) -> None:
+    receive(journal, "t1")
+    succeed(journal, "t1")
+    with pytest.raises(VolagentError, match="already succeeded"):
+        journal.add_event("t1", lambda seq: str(seq).encode())
+    with pytest.raises(VolagentError, match="not in the journal"):
+        journal.add_event("nope", lambda seq: str(seq).encode())
+    assert journal.events_queued(10) == []
+
+
+def test_steps_are_recorded_once_each_and_only_while_unfinished(journal: Journal) -> None:
+    receive(journal, "t1")
+    for step in ("dataset", "zone", "dataset"):
+        journal.step_done("t1", step)
+    task = journal.get("t1")
+    assert task is not None
+    assert task.steps == ("dataset", "zone")
+    succeed(journal, "t1")
+    with pytest.raises(VolagentError, match="already succeeded"):
+        journal.step_done("t1", "late")

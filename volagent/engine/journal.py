@@ -7,7 +7,10 @@ One SQLite database, ``<state.dir>/journal.sqlite3``, in WAL mode, holds:
   of each step, how often it was started, the last event ``seq`` handed out, the result or
   error, and the exact bytes of its terminal event;
 * **volumes**: each volume's ``generation`` counter and the last volume object saved for it;
-* **outbox**: volume reports waiting to be delivered to the central API, in queue order.
+* **outbox**: volume reports waiting to be delivered to the central API, in queue order;
+* **events**: task events waiting for the broker's confirmation, in the order they were made
+  (a task's events are numbered and queued in one transaction, so none is lost to a crash);
+* each task's finished **steps**, so that a resumed task skips what must not happen twice.
 
 Delivery rules built on it (see ``docs/protocol.md``): a task counts as received once
 :meth:`Journal.record_received` has returned, because its row is committed by then. A task id
@@ -130,6 +133,8 @@ class TaskRecord:
     result: Any
     error: dict[str, Any] | None
     terminal_event: bytes | None
+    #: The steps recorded done with :meth:`Journal.step_done`, in the order they were done.
+    steps: tuple[str, ...] = ()
 
 
 class Seen(StrEnum):
@@ -235,12 +240,27 @@ def _initial_schema(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _events_and_steps(conn: sqlite3.Connection) -> None:
+    """Migration 2: the task-event outbox, and the steps a task has finished."""
+    for statement in (
+        "ALTER TABLE tasks ADD COLUMN steps TEXT NOT NULL DEFAULT '[]'",
+        """
+        CREATE TABLE events (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            task_id TEXT    NOT NULL,
+            body    BLOB    NOT NULL
+        )
+        """,
+    ):
+        conn.execute(statement)
+
+
 #: The schema's history: migration ``n`` (1-based) brings ``user_version`` from n-1 to n.
-MIGRATIONS: Final[tuple[Migration, ...]] = (_initial_schema,)
+MIGRATIONS: Final[tuple[Migration, ...]] = (_initial_schema, _events_and_steps)
 
 _TASK_COLUMNS: Final = (
     "id, kind, volume_uuid, state, raw, deadline, received, started, finished, attempts, seq,"
-    " result, error, terminal_event"
+    " result, error, terminal_event, steps"
 )
 _OUTBOX_COLUMNS: Final = "id, volume_uuid, generation, body, queued"
 
@@ -288,6 +308,7 @@ def _task(row: sqlite3.Row) -> TaskRecord:
         result=None if row["result"] is None else json.loads(row["result"]),
         error=None if row["error"] is None else json.loads(row["error"]),
         terminal_event=row["terminal_event"],
+        steps=tuple(json.loads(row["steps"])),
     )
 
 
@@ -568,12 +589,15 @@ class Journal:
         now: datetime,
         result: Any = None,
         error: Mapping[str, Any] | None = None,
-    ) -> None:
+        publish: bool = False,
+    ) -> int | None:
         """Record a task's end: its terminal state, result or error, and terminal event bytes.
 
         ``state`` is ``succeeded`` (with ``result``, any JSON value, and no ``error``) or
         ``failed`` (with the wire ``error`` object and no ``result``). A task finishes once:
         finishing it again, or an unknown task, raises :class:`~volagent.errors.VolagentError`.
+        With ``publish`` the terminal event is queued in the event outbox in the same
+        transaction, and its outbox id returned.
         """
         if state is TaskState.SUCCEEDED:
             if error is not None:
@@ -600,6 +624,63 @@ class Journal:
             ).rowcount
             if not changed:
                 self._unknown_or_finished(conn, task_id, "finish it")
+            return self._queue_event(conn, task_id, terminal_event) if publish else None
+
+    def add_event(self, task_id: str, make: Callable[[int], bytes]) -> tuple[int, bytes]:
+        """Number the task's next event, build it with ``make(seq)`` and queue it, atomically.
+
+        Returns the outbox id and the event bytes. A finished or unknown task raises
+        :class:`~volagent.errors.VolagentError`.
+        """
+        with self._write("queue a task event") as conn:
+            rows = conn.execute(
+                "UPDATE tasks SET seq = seq + 1 WHERE id = ? AND finished IS NULL RETURNING seq",
+                (task_id,),
+            ).fetchall()
+            if not rows:
+                self._unknown_or_finished(conn, task_id, "queue an event")
+            body = make(rows[0][0])
+            return self._queue_event(conn, task_id, body), body
+
+    def queue_event(self, task_id: str, body: bytes) -> int:
+        """Queue event bytes made before (a finished task's terminal event, again)."""
+        with self._write("queue a task event again") as conn:
+            return self._queue_event(conn, task_id, body)
+
+    @staticmethod
+    def _queue_event(conn: sqlite3.Connection, task_id: str, body: bytes) -> int:
+        event_id: int = conn.execute(
+            "INSERT INTO events (task_id, body) VALUES (?, ?) RETURNING id", (task_id, body)
+        ).fetchall()[0][0]
+        return event_id
+
+    def events_queued(self, limit: int) -> list[tuple[int, bytes]]:
+        """The oldest ``limit`` queued events, ``(id, bytes)``, in the order they were queued."""
+        with self._read("read the event outbox") as conn:
+            rows = conn.execute(
+                "SELECT id, body FROM events ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [(row[0], row[1]) for row in rows]
+
+    def events_ack(self, up_to: int) -> int:
+        """Drop the queued events with ids up to ``up_to`` (published); return how many."""
+        with self._write("acknowledge events") as conn:
+            deleted: int = conn.execute("DELETE FROM events WHERE id <= ?", (up_to,)).rowcount
+        return deleted
+
+    def step_done(self, task_id: str, step: str) -> None:
+        """Record that the unfinished task ``task_id`` has done ``step`` (once; repeats ignored)."""
+        with self._write("record a task step") as conn:
+            row = conn.execute(
+                "SELECT steps FROM tasks WHERE id = ? AND finished IS NULL", (task_id,)
+            ).fetchone()
+            if row is None:
+                self._unknown_or_finished(conn, task_id, "record a step")
+            steps = json.loads(row[0])
+            if step not in steps:
+                conn.execute(
+                    "UPDATE tasks SET steps = ? WHERE id = ?", (_json([*steps, step]), task_id)
+                )
 
     def get(self, task_id: str) -> TaskRecord | None:
         """The task with this id, or None if it was never received or has been pruned."""
@@ -887,9 +968,10 @@ class AsyncJournal:
         now: datetime,
         result: Any = None,
         error: Mapping[str, Any] | None = None,
-    ) -> None:
+        publish: bool = False,
+    ) -> int | None:
         """See :meth:`Journal.finish`."""
-        await self._call(
+        return await self._call(
             self._journal.finish,
             task_id,
             state,
@@ -897,7 +979,28 @@ class AsyncJournal:
             now=now,
             result=result,
             error=error,
+            publish=publish,
         )
+
+    async def add_event(self, task_id: str, make: Callable[[int], bytes]) -> tuple[int, bytes]:
+        """See :meth:`Journal.add_event`."""
+        return await self._call(self._journal.add_event, task_id, make)
+
+    async def queue_event(self, task_id: str, body: bytes) -> int:
+        """See :meth:`Journal.queue_event`."""
+        return await self._call(self._journal.queue_event, task_id, body)
+
+    async def events_queued(self, limit: int) -> list[tuple[int, bytes]]:
+        """See :meth:`Journal.events_queued`."""
+        return await self._call(self._journal.events_queued, limit)
+
+    async def events_ack(self, up_to: int) -> int:
+        """See :meth:`Journal.events_ack`."""
+        return await self._call(self._journal.events_ack, up_to)
+
+    async def step_done(self, task_id: str, step: str) -> None:
+        """See :meth:`Journal.step_done`."""
+        await self._call(self._journal.step_done, task_id, step)
 
     async def get(self, task_id: str) -> TaskRecord | None:
         """See :meth:`Journal.get`."""
