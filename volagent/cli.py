@@ -8,6 +8,7 @@ and turns a :class:`~volagent.errors.VolagentError` into a message and its exit 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,32 @@ def _configcheck(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- run
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help=f"configuration file (default: ${config.ENV_CONFIG} or {config.DEFAULT_PATH})",
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from volagent import daemon, log  # noqa: PLC0415  # the daemon's imports are only for run
+
+    cfg = config.load(args.config or config.default_path())
+    log.configure(level=cfg.log.level, fmt=cfg.log.format)
+    return asyncio.run(daemon.serve(cfg))
+
+
 _COMMANDS: tuple[_Command, ...] = (
+    _Command(
+        name="run",
+        help="run the agent: take tasks from the broker and serve the volumes",
+        add_arguments=_run_arguments,
+        run=_run,
+    ),
     _Command(
         name="configcheck",
         help="validate the configuration (file plus VOLAGENT_* overrides) and report every problem",

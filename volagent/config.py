@@ -381,6 +381,7 @@ class EngineConfig(_Section):
 
     max_concurrent: Annotated[int, Field(ge=1, le=1024)] = 8
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 20.0
+    task_retention_days: Annotated[float, Field(ge=8)] = 14.0
 
 
 class LimitsConfig(_Section):
@@ -403,11 +404,23 @@ class ZonesConfig(_Section):
     ganesha_bin: _NonEmpty = "ganesha.nfsd"
     rpcbind_bin: _NonEmpty = "rpcbind"
     cgroup_parent: Annotated[str, AfterValidator(_check_cgroup_parent)] = "/volagent"
+    name_prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,5}$")] = "vz"
     probe_interval_s: _PositiveFloat = 5.0
     probe_timeout_s: _PositiveFloat = 2.0
     start_timeout_s: _PositiveFloat = 30.0
     stop_timeout_s: _PositiveFloat = 10.0
     command_timeout_s: _PositiveFloat = 30.0
+    restart_backoff_initial_s: _PositiveFloat = 1.0
+    restart_backoff_max_s: _PositiveFloat = 60.0
+    crash_loop_failures: Annotated[int, Field(ge=1)] = 5
+    crash_loop_window_s: _PositiveFloat = 600.0
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> ZonesConfig:
+        if self.restart_backoff_max_s < self.restart_backoff_initial_s:
+            msg = "must be at least restart_backoff_initial_s"
+            raise _FieldError(msg, field="restart_backoff_max_s")
+        return self
 
 
 class LogConfig(_Section):

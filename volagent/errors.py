@@ -31,6 +31,7 @@ The tree::
     ├── ZoneFailed
     ├── StorageUnavailable                          retryable
     ├── NetworkUnavailable
+    ├── TaskTimedOut                                retryable; a task ran past its kind's limit
     └── CommandError (CommandFailed)                a subprocess went wrong (adapters/proc.py)
         ├── CommandNotFound
         └── CommandTimeout                          retryable
@@ -241,6 +242,13 @@ class NetworkUnavailable(VolagentError):
     """The volume's network is not mapped to a bridge on this node, or the bridge is missing."""
 
     code: ClassVar[str] = "NetworkUnavailable"
+
+
+class TaskTimedOut(VolagentError):
+    """A task ran longer than its kind's time limit and was stopped."""
+
+    code: ClassVar[str] = "TaskTimedOut"
+    retryable: bool = True
 
 
 class CommandError(VolagentError):

@@ -707,3 +707,29 @@ def _no_dot_dot(component: str) -> bool:
 def test_dataset_root_accepts_valid_names(pool: str, children: list[str]) -> None:
     name = "/".join([pool, *children])
     assert StorageConfig(dataset_root=name).dataset_root == name
+
+
+def test_zone_restart_backoff_and_crash_loop_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[node]\nuuid = "0b6f3c6e-5c4e-4c0a-9d5e-3f1f8a2b7c10"\n'
+        '[storage]\ndataset_root = "tank/volumes"\n'
+        "[zones]\nrestart_backoff_initial_s = 2.0\nrestart_backoff_max_s = 1.0\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, env={})
+    assert [key for key, _ in caught.value.problems] == ["zones.restart_backoff_max_s"]
+    cfg = config.load(path, env={"VOLAGENT_ZONES_RESTART_BACKOFF_MAX_S": "8"})
+    assert (cfg.zones.restart_backoff_initial_s, cfg.zones.restart_backoff_max_s) == (2.0, 8.0)
+    assert (cfg.zones.crash_loop_failures, cfg.zones.crash_loop_window_s) == (5, 600.0)
+
+
+def test_task_retention_outlasts_the_broker_session(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[node]\nuuid = "0b6f3c6e-5c4e-4c0a-9d5e-3f1f8a2b7c10"\n'
+        '[storage]\ndataset_root = "tank/volumes"\n[engine]\ntask_retention_days = 7\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, env={})
+    assert [key for key, _ in caught.value.problems] == ["engine.task_retention_days"]
