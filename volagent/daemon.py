@@ -20,6 +20,7 @@ exits at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import os
@@ -133,6 +134,8 @@ class Agent:
         self.deps: Deps
         self._intake: Intake
         self.outcomes: list[Callable[[Outcome], None]] = []
+        #: Messages dropped without a readable task id, by error code.
+        self.dropped: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ signals
 
@@ -205,7 +208,14 @@ class Agent:
             max_concurrent=config.engine.max_concurrent,
             on_outcome=self._outcome,
         )
-        self._intake = Intake(self.journal, events, self.runner, cn=config.cn, limits=config.limits)
+        self._intake = Intake(
+            self.journal,
+            events,
+            self.runner,
+            cn=config.cn,
+            limits=config.limits,
+            on_dropped=self._dropped,
+        )
         pending = await self.journal.pending()
         try:
             self.reconciliation = await Reconciler(self.deps, self.journal).run(pending)
@@ -275,6 +285,9 @@ class Agent:
 
     async def _zone_changed(self, uuid: str, status: Any) -> None:
         await zone_changed(self.deps, uuid, status)
+
+    def _dropped(self, code: str) -> None:
+        self.dropped[code] += 1
 
     def _outcome(self, outcome: Outcome) -> None:
         for listener in self.outcomes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,12 @@ class Mosquitto:
     ) -> None:
         """Publish with the real ``mosquitto_pub`` client (QoS 1)."""
         argv = ["mosquitto_pub", "-p", str(self.port), "-h", "127.0.0.1", "-q", "1"]
-        argv += ["-t", topic, "-m", payload]
+        if len(payload) > 64 * 1024:  # beyond what one argument may hold: a file instead
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                f.write(payload)
+            argv += ["-t", topic, "-f", f.name]
+        else:
+            argv += ["-t", topic, "-m", payload]
         if retain:
             argv.append("-r")
         argv += self._auth_args(auth) + self._tls_args()

@@ -212,13 +212,13 @@ class AgentNode:
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start ``volagent run`` as a process of its own."""
         self.listen()
-        log = (self.tmp / "agent.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "volagent", "run", "--config", str(self.config_file())],
-            stdout=log,
-            stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        with (self.tmp / "agent.log").open("ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "volagent", "run", "--config", str(self.config_file())],
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         return self.process
 
     def kill9(self) -> None:
@@ -300,3 +300,14 @@ def held_connection(ns: Namespace, ip: str, port: int = 2049) -> Iterator[subpro
     finally:
         child.kill()
         child.communicate()
+
+
+async def wait_online(node: AgentNode, *, timeout: float = WAIT) -> None:  # noqa: ASYNC109  # a hang guard
+    """Wait until the agent's retained status says ``online`` (its session exists by then)."""
+    topic = node.config().status_topic
+    async with asyncio.timeout(timeout):
+        while True:
+            lines = await asyncio.to_thread(node.broker.sub, topic, count=1, timeout=5)
+            if lines and json.loads(lines[0]).get("state") == "online":
+                return
+            await asyncio.sleep(0.1)
