@@ -4,13 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help deps test unit lint fmt clean
+.PHONY: help deps test unit lint fmt clean install
 
 help:
 	@echo "make test   install what is needed, then run the whole test suite (real components)"
 	@echo "make lint   ruff and mypy --strict"
 	@echo "make unit   only the unit tests (no root, no components)"
 	@echo "make fmt    ruff format and autofix"
+	@echo "make install  install the agent, its systemd unit and an example config (as root)"
 
 deps:
 	scripts/install-deps
@@ -29,6 +30,9 @@ lint: deps
 fmt: deps
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+install:
+	scripts/install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -34,8 +34,10 @@ from typing import Any, Final
 import structlog
 
 from volagent import __version__
+from volagent.adapters.central import CentralClient
 from volagent.adapters.mqtt import MqttAdapter
 from volagent.adapters.netns import LinuxZones
+from volagent.adapters.sdnotify import Notifier
 from volagent.adapters.zfs import ZfsCli
 from volagent.config import Config
 from volagent.engine.intake import Intake
@@ -44,11 +46,16 @@ from volagent.engine.publisher import EventPublisher
 from volagent.engine.reconcile import Reconciler, Reconciliation
 from volagent.engine.runner import Events, Outcome, Runner, utcnow
 from volagent.errors import EXIT_OK, EXIT_STARTUP, StartupError, VolagentError
+from volagent.http import LocalApi
+from volagent.metrics import Metrics
+from volagent.ports.zones import ZoneStatus
 from volagent.services.catalog import Catalog
 from volagent.services.deps import Deps
 from volagent.services.handlers import Services
+from volagent.services.reporter import Heartbeat, Reporter, heartbeat_body
 from volagent.services.volumes import zone_changed
 from volagent.services.zone_supervisor import SupervisorPolicy, ZoneSupervisor
+from volagent.view import AgentView
 
 _log = structlog.get_logger(__name__)
 
@@ -96,6 +103,23 @@ def supervisor_policy(config: Config) -> SupervisorPolicy:
     )
 
 
+class ObservedZones(LinuxZones):
+    """The Linux zone runtime, each probe's latency reported to ``on_probe``."""
+
+    def __init__(self, *, on_probe: Callable[[float], None], **kwargs: Any) -> None:
+        """As :class:`LinuxZones`, plus the probe observer."""
+        super().__init__(**kwargs)
+        self._on_probe = on_probe
+
+    async def probe(self, volume_uuid: str) -> bool:
+        """See :meth:`LinuxZones.probe`."""
+        began = time.monotonic()
+        try:
+            return await super().probe(volume_uuid)
+        finally:
+            self._on_probe(time.monotonic() - began)
+
+
 class Agent:
     """One agent process: built from the configuration, run by :meth:`run`."""
 
@@ -118,13 +142,22 @@ class Agent:
             zpool_bin=config.storage.zpool_bin,
             command_timeout_s=config.storage.command_timeout_s,
         )
-        self.zones = LinuxZones(
+        self.metrics = Metrics()
+        self.notifier = Notifier.from_env(unset=True)
+        self.zones = ObservedZones(
+            on_probe=self.metrics.observe_probe,
             state_dir=config.state.dir,
             networks=config.networks,
             zones=config.zones,
             name_prefix=config.zones.name_prefix,
         )
-        self.mqtt = MqttAdapter(config)
+        self.mqtt = MqttAdapter(config, online_status=self._online_status)
+        self._status_changed = asyncio.Event()
+        self.central: CentralClient | None = None
+        self.reporter: Reporter | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.http: LocalApi
+        self.view: AgentView
         # Set in run(), once the journal is open.
         self.journal: AsyncJournal
         self.catalog: Catalog
@@ -149,6 +182,7 @@ class Agent:
             _log.warning("second signal: exiting at once", signal=signal.Signals(signum).name)
             os._exit(EXIT_FORCED)
         _log.info("stopping", signal=signal.Signals(signum).name)
+        self.notifier.stopping()
         self._stop.set()
 
     # ------------------------------------------------------------------ phases
@@ -172,7 +206,12 @@ class Agent:
             raise StartupError(f"journal: {exc.message}", details=exc.details) from exc
         try:
             await self._start_up()
-            await self._main()
+            try:
+                await self._main()
+            finally:
+                await self.http.stop()
+                if self.central is not None:
+                    await self.central.close()
         finally:
             await self.journal.close()
         return EXIT_OK
@@ -186,7 +225,21 @@ class Agent:
         except VolagentError as exc:
             raise StartupError(f"storage: {exc.message}", details=exc.details) from exc
         self.publisher = EventPublisher(self.journal, self.mqtt.publish_event)
-        self.catalog = Catalog(self.journal)
+        self.catalog = Catalog(self.journal, on_saved=self._volume_saved)
+        if config.central.url:
+            self.central = CentralClient(
+                config.central.url,
+                token_file=config.central.token_file,
+                timeout_s=config.central.timeout_s,
+            )
+            self.reporter = Reporter(self.journal, self.central, on_error=self._central_error)
+            self.heartbeat = Heartbeat(
+                self.central,
+                config.cn,
+                self._heartbeat_body,
+                config.central.heartbeat_s,
+                on_error=self._central_error,
+            )
         self.supervisor = ZoneSupervisor(
             self.zones, on_change=self._zone_changed, policy=supervisor_policy(config)
         )
@@ -214,8 +267,26 @@ class Agent:
             self.runner,
             cn=config.cn,
             limits=config.limits,
+            on_received=self.metrics.task_received,
             on_dropped=self._dropped,
         )
+        self.view = AgentView(
+            cn=config.cn,
+            dataset_root=root,
+            started=self.started,
+            mqtt=self.mqtt,
+            journal=self.journal,
+            storage=self.storage,
+            catalog=self.catalog,
+            runner=self.runner,
+            metrics=self.metrics,
+            central=self.heartbeat,
+            extra_status=self._extra_status,
+        )
+        self.http = LocalApi(
+            self.view, listen=config.http.listen, allow_non_loopback=config.http.allow_non_loopback
+        )
+        await self.http.start()
         pending = await self.journal.pending()
         try:
             self.reconciliation = await Reconciler(self.deps, self.journal).run(pending)
@@ -230,6 +301,7 @@ class Agent:
             volumes=len(self.catalog),
             resumed=len(pending),
         )
+        self.notifier.ready(f"serving {len(self.catalog)} volume(s)")
         if self._on_ready is not None:
             self._on_ready()
 
@@ -241,7 +313,14 @@ class Agent:
                 tg.create_task(self.publisher.run(), name="event-publisher"),
                 tg.create_task(self.supervisor.run(), name="zone-supervisor"),
                 tg.create_task(self._prune(), name="journal-prune"),
+                tg.create_task(self._refresh_status(), name="status-refresh"),
             ]
+            if self.reporter is not None and self.heartbeat is not None:
+                background.append(tg.create_task(self.reporter.run(), name="central-reporter"))
+                background.append(tg.create_task(self.heartbeat.run(), name="central-heartbeat"))
+            interval = self.notifier.watchdog_interval_s
+            if interval is not None:
+                background.append(tg.create_task(self._watchdog(interval), name="watchdog"))
             await self._stop.wait()
             await self._shut_down(background, mqtt)
 
@@ -283,13 +362,77 @@ class Agent:
                 _log.error("journal pruning failed", error=exc.message)
             await asyncio.sleep(PRUNE_EVERY_S)
 
-    async def _zone_changed(self, uuid: str, status: Any) -> None:
+    async def _watchdog(self, interval_s: float) -> None:
+        """Ping systemd's watchdog from the event loop: a stuck loop misses its pings."""
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval_s)
+
+    async def _refresh_status(self) -> None:
+        """Publish the retained status document again after changes (at most once a second)."""
+        while True:
+            await self._status_changed.wait()
+            self._status_changed.clear()
+            await self.mqtt.publish_status()
+            await asyncio.sleep(1.0)
+
+    def _online_status(self) -> dict[str, Any]:
+        by_state = collections.Counter(v.state.value for v in self.catalog.all())
+        return {
+            "v": 1,
+            "cn": self.config.cn,
+            "state": "online",
+            "agent_version": __version__,
+            "volumes": {"total": len(self.catalog), **by_state},
+        }
+
+    def _extra_status(self) -> dict[str, Any]:
+        recon = self.reconciliation
+        return {
+            "reconciliation": None if recon is None else recon.as_dict(),
+            "dropped_messages": dict(self.dropped),
+            "events_queued": self.publisher.depth,
+        }
+
+    async def _heartbeat_body(self) -> dict[str, Any]:
+        space = await self.view._read_space()  # noqa: SLF001  # the view's cached pool read
+        pool = None
+        if space.pool is not None:
+            pool = {"size_bytes": space.pool.size_bytes, "free_bytes": space.pool.free_bytes}
+        return heartbeat_body(
+            self.config.cn,
+            __version__,
+            utcnow(),
+            pool,
+            len(self.catalog),
+            broker_connected=self.mqtt.connected,
+        )
+
+    def _volume_saved(self, _volume: Any) -> None:
+        if self.reporter is not None:
+            self.reporter.kick()
+        self._status_changed.set()
+
+    def _central_error(self, operation: str, exc: VolagentError) -> None:
+        self.metrics.central_error(operation, exc.code)
+
+    async def _zone_changed(self, uuid: str, status: ZoneStatus) -> None:
+        before = self.catalog.get(uuid)
+        if before is not None and status.restarts > before.zone.restarts:
+            self.metrics.zone_restarted()
         await zone_changed(self.deps, uuid, status)
 
     def _dropped(self, code: str) -> None:
         self.dropped[code] += 1
+        self.metrics.invalid_message(code)
 
     def _outcome(self, outcome: Outcome) -> None:
+        self.metrics.task_finished(
+            outcome.kind,
+            "succeeded" if outcome.succeeded else "failed",
+            outcome.code,
+            outcome.duration_s,
+        )
         for listener in self.outcomes:
             listener(outcome)
 

@@ -532,6 +532,30 @@ class MqttAdapter:
 
     # ------------------------------------------------------------------ publishing
 
+    async def publish_status(self) -> bool:
+        """Publish the online status document again (retained) if connected; return whether.
+
+        Called when what the document says changes; a disconnected adapter publishes it at
+        its next connect anyway.
+        """
+        conn = self._current
+        if conn is None:
+            return False
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                publishing = conn.client.publish(
+                    self._status_topic,
+                    _encode(self._online_status()),
+                    qos=1,
+                    retain=True,
+                    timeout=math.inf,
+                )
+                await _unless_lost(conn, publishing)
+        except (aiomqtt.MqttError, _ConnectionLost, TimeoutError) as exc:
+            _log.info("status not refreshed; it is sent at the next connect", error=_describe(exc))
+            return False
+        return True
+
     async def _publish(
         self,
         topic: str,
