@@ -630,10 +630,12 @@ def test_events_are_numbered_queued_and_acknowledged_in_order(journal: Journal) 
         "t1", TaskState.SUCCEEDED, terminal_event=terminal, now=T0, result={}, publish=True
     )
     assert [body for _, body in journal.events_queued(10)] == [b1, b2, b3, terminal]
-    assert journal.events_ack(first) == 1
+    assert journal.events_ack([first]) == 1
     assert [body for _, body in journal.events_queued(10)] == [b2, b3, terminal]
+    assert [body for _, body in journal.events_queued(10, after=first + 1)] == [b3, terminal]
     assert last is not None
-    assert journal.events_ack(last) == 3
+    queued = [event_id for event_id, _ in journal.events_queued(10)]
+    assert journal.events_ack([*queued, 999]) == 3
     assert journal.events_queued(10) == []
     again = journal.queue_event("t1", terminal)
     assert journal.events_queued(10) == [(again, terminal)]

@@ -654,18 +654,20 @@ class Journal:
         ).fetchall()[0][0]
         return event_id
 
-    def events_queued(self, limit: int) -> list[tuple[int, bytes]]:
-        """The oldest ``limit`` queued events, ``(id, bytes)``, in the order they were queued."""
+    def events_queued(self, limit: int, *, after: int = 0) -> list[tuple[int, bytes]]:
+        """The first ``limit`` queued events with ids above ``after``: ``(id, bytes)``, in order."""
         with self._read("read the event outbox") as conn:
             rows = conn.execute(
-                "SELECT id, body FROM events ORDER BY id LIMIT ?", (limit,)
+                "SELECT id, body FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
             ).fetchall()
         return [(row[0], row[1]) for row in rows]
 
-    def events_ack(self, up_to: int) -> int:
-        """Drop the queued events with ids up to ``up_to`` (published); return how many."""
+    def events_ack(self, ids: Sequence[int]) -> int:
+        """Drop the queued events ``ids`` (published); return how many were queued."""
         with self._write("acknowledge events") as conn:
-            deleted: int = conn.execute("DELETE FROM events WHERE id <= ?", (up_to,)).rowcount
+            deleted: int = conn.executemany(
+                "DELETE FROM events WHERE id = ?", [(i,) for i in ids]
+            ).rowcount
         return deleted
 
     def step_done(self, task_id: str, step: str) -> None:
@@ -990,13 +992,13 @@ class AsyncJournal:
         """See :meth:`Journal.queue_event`."""
         return await self._call(self._journal.queue_event, task_id, body)
 
-    async def events_queued(self, limit: int) -> list[tuple[int, bytes]]:
+    async def events_queued(self, limit: int, *, after: int = 0) -> list[tuple[int, bytes]]:
         """See :meth:`Journal.events_queued`."""
-        return await self._call(self._journal.events_queued, limit)
+        return await self._call(self._journal.events_queued, limit, after=after)
 
-    async def events_ack(self, up_to: int) -> int:
+    async def events_ack(self, ids: Sequence[int]) -> int:
         """See :meth:`Journal.events_ack`."""
-        return await self._call(self._journal.events_ack, up_to)
+        return await self._call(self._journal.events_ack, ids)
 
     async def step_done(self, task_id: str, step: str) -> None:
         """See :meth:`Journal.step_done`."""

@@ -72,25 +72,25 @@ class EventPublisher:
 
     async def load(self) -> int:
         """Take over the events left in the outbox by an earlier run; return how many."""
-        loaded = 0
+        loaded, after = 0, 0
         while True:
-            batch = await self._journal.events_queued(1000)
-            fresh = [(i, b) for i, b in batch if i not in self._known]
-            for event_id, body in fresh:
-                self.queued(event_id, body)
-            loaded += len(fresh)
-            if len(batch) < 1000 or not fresh:
+            batch = await self._journal.events_queued(1000, after=after)
+            for event_id, body in batch:
+                if event_id not in self._known:
+                    self.queued(event_id, body)
+                    loaded += 1
+            if len(batch) < 1000:
                 return loaded
+            after = batch[-1][0]
 
     async def run(self) -> NoReturn:
         """Send queued events forever; a broker outage only delays them."""
-        unacked: int | None = None
-        count = 0
+        published: list[int] = []
         while True:
             if not self._heap:
-                if unacked is not None:
-                    await self._ack(unacked)
-                    unacked, count = None, 0
+                if published:
+                    await self._journal.events_ack(published)
+                    published = []
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
@@ -105,15 +105,12 @@ class EventPublisher:
             heapq.heappop(self._heap)
             self._known.discard(event_id)
             self._published += 1
-            unacked, count = event_id, count + 1
-            if count >= self._ack_every:
-                await self._ack(unacked)
-                unacked, count = None, 0
-
-    async def _ack(self, up_to: int) -> None:
-        # Only ids below every id still queued are dropped: the heap's head is the smallest.
-        limit = min(up_to, self._heap[0][0] - 1) if self._heap else up_to
-        await self._journal.events_ack(limit)
+            # Exactly the ids sent are dropped: an event queued in the journal but never
+            # handed over stays there and is sent after the next start.
+            published.append(event_id)
+            if len(published) >= self._ack_every:
+                await self._journal.events_ack(published)
+                published = []
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until every queued event is confirmed (at most ``timeout_s``); return whether."""

@@ -30,6 +30,7 @@ from typing import Any, Final, Protocol
 import structlog
 from pydantic import BaseModel
 
+from volagent import aio
 from volagent.domain.events import ErrorBody, Event, EventState, Progress
 from volagent.domain.tasks import AnyTask
 from volagent.engine.context import Interrupted, TaskContext
@@ -57,6 +58,8 @@ KIND_TIMEOUTS_S: Final[Mapping[str, float]] = {
     "zone.update": 300.0,
 }
 DEFAULT_TIMEOUT_S: Final = 300.0
+#: How long cancelled tasks may take to unwind at shutdown (their cleanup, under way).
+CANCEL_WAIT_S: Final = 10.0
 
 
 class Handler(Protocol):
@@ -110,7 +113,15 @@ class Events:
         return make
 
     async def emit(self, task_id: str, kind: str, state: EventState, **body: Any) -> None:
-        """Queue a non-terminal event (accepted, running, progress)."""
+        """Queue a non-terminal event (accepted, running, progress).
+
+        Storing an event and handing it to the publisher happen together even when the
+        caller is cancelled meanwhile (the commit would happen anyway, on the journal's
+        thread); so do all the steps of :meth:`finish` and :meth:`again`.
+        """
+        await aio.uninterrupted(self._emit(task_id, kind, state, **body))
+
+    async def _emit(self, task_id: str, kind: str, state: EventState, **body: Any) -> None:
         event_id, data = await self._journal.add_event(
             task_id, self._make(task_id, kind, state, **body)
         )
@@ -125,6 +136,16 @@ class Events:
         error: VolagentError | None = None,
     ) -> bytes:
         """Record the task's end and queue its terminal event; return the event's bytes."""
+        return await aio.uninterrupted(self._finish(task_id, kind, result=result, error=error))
+
+    async def _finish(
+        self,
+        task_id: str,
+        kind: str,
+        *,
+        result: BaseModel | None,
+        error: VolagentError | None,
+    ) -> bytes:
         seq = await self._journal.next_seq(task_id)
         now = utcnow()
         if error is None:
@@ -155,6 +176,9 @@ class Events:
 
     async def again(self, task_id: str, terminal_event: bytes) -> None:
         """Queue a finished task's terminal event once more, unchanged."""
+        await aio.uninterrupted(self._again(task_id, terminal_event))
+
+    async def _again(self, task_id: str, terminal_event: bytes) -> None:
         event_id = await self._journal.queue_event(task_id, terminal_event)
         self._emitter.queued(event_id, terminal_event)
 
@@ -251,6 +275,7 @@ class Runner:
                 task.cancel()
             if pending:
                 _log.warning("tasks cancelled after the grace period", tasks=len(pending))
+                await asyncio.wait(pending, timeout=CANCEL_WAIT_S)
         for worker in list(self._tasks):
             worker.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -269,6 +294,8 @@ class Runner:
                     self._running[item.task.id] = run
                     try:
                         await asyncio.shield(run)
+                    except Exception:  # noqa: BLE001  # the journal failed: the task resumes at the next start
+                        _log.exception("task could not be run or recorded", task=item.task.id)
                     finally:
                         if run.done():
                             self._running.pop(item.task.id, None)
