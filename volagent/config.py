@@ -209,8 +209,11 @@ def _check_central_url(value: str) -> str:
     return value
 
 
-def _parse_listen(value: str) -> tuple[str, int] | Path:
-    """Parse ``host:port``, ``[v6]:port`` or ``unix:/abs/path``."""
+def parse_listen(value: str, *, min_port: int = 1) -> tuple[str, int] | Path:
+    """Parse ``host:port``, ``[v6]:port`` or ``unix:/abs/path``; ValueError says what is wrong.
+
+    ``min_port`` 0 lets the kernel pick a free port (the local API's tests use it).
+    """
     if value.startswith(_UNIX_PREFIX):
         path = value.removeprefix(_UNIX_PREFIX)
         if not path.startswith("/"):
@@ -232,17 +235,19 @@ def _parse_listen(value: str) -> tuple[str, int] | Path:
     elif ":" in host:
         msg = "an IPv6 address needs brackets, like [::1]:5310"
         raise ValueError(msg)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= _MAX_PORT:
-        raise ValueError(f"port must be 1..{_MAX_PORT}")
+    if not (port_text.isascii() and port_text.isdigit()) or not (
+        min_port <= int(port_text) <= _MAX_PORT
+    ):
+        raise ValueError(f"port must be {min_port}..{_MAX_PORT}")
     return host, int(port_text)
 
 
 def _check_listen(value: str) -> str:
-    _parse_listen(value)
+    parse_listen(value)
     return value
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     """Whether ``host`` is a loopback address; hostnames other than localhost count as not."""
     if host.lower() == "localhost":
         return True
@@ -349,7 +354,7 @@ class HttpConfig(_Section):
     @model_validator(mode="after")
     def _loopback_unless_allowed(self) -> HttpConfig:
         tcp = self.tcp_address
-        if tcp is not None and not self.allow_non_loopback and not _is_loopback(tcp[0]):
+        if tcp is not None and not self.allow_non_loopback and not is_loopback(tcp[0]):
             msg = (
                 "not a loopback address; set http.allow_non_loopback = true to serve"
                 " the HTTP API beyond this host"
@@ -360,13 +365,13 @@ class HttpConfig(_Section):
     @property
     def unix_path(self) -> Path | None:
         """The socket path of a ``unix:`` listen address, else None."""
-        parsed = _parse_listen(self.listen)
+        parsed = parse_listen(self.listen)
         return parsed if isinstance(parsed, Path) else None
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
         """``(host, port)`` of a TCP listen address (IPv6 without brackets), else None."""
-        parsed = _parse_listen(self.listen)
+        parsed = parse_listen(self.listen)
         return parsed if isinstance(parsed, tuple) else None
 
 

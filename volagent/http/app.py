@@ -25,9 +25,10 @@ from typing import Final
 import structlog
 from aiohttp import web
 
+from volagent.config import is_loopback
 from volagent.errors import ConfigError, StartupError, VolagentError
 from volagent.http import openapi
-from volagent.http.listen import TcpListen, UnixListen, is_loopback, parse_listen
+from volagent.http.listen import TcpListen, UnixListen, parse_listen
 from volagent.http.routes import (
     OPENAPI,
     ROUTES,
