@@ -395,10 +395,10 @@ class Agent:
         }
 
     async def _heartbeat_body(self) -> dict[str, Any]:
-        space = await self.view._read_space()  # noqa: SLF001  # the view's cached pool read
-        pool = None
-        if space.pool is not None:
-            pool = {"size_bytes": space.pool.size_bytes, "free_bytes": space.pool.free_bytes}
+        info = await self.view.space()
+        pool = (
+            None if info is None else {"size_bytes": info.size_bytes, "free_bytes": info.free_bytes}
+        )
         return heartbeat_body(
             self.config.cn,
             __version__,

@@ -46,7 +46,6 @@ class _Space:
     pool: PoolInfo | None = None
     used: dict[str, int] | None = None
     read_at: float = -1e9
-    error: str | None = None
 
 
 class AgentView:
@@ -83,9 +82,13 @@ class AgentView:
         self._space = _Space()
         self._space_lock = asyncio.Lock()
 
-    async def _read_space(self, *, fresh: bool = False) -> _Space:
+    async def space(self) -> PoolInfo | None:
+        """The pool's size, free space and health, read at most every :data:`SPACE_TTL_S`."""
+        return (await self._read_space()).pool
+
+    async def _read_space(self) -> _Space:
         async with self._space_lock:
-            if fresh or time.monotonic() - self._space.read_at > SPACE_TTL_S:
+            if time.monotonic() - self._space.read_at > SPACE_TTL_S:
                 try:
                     async with asyncio.timeout(ZFS_CHECK_TIMEOUT_S):
                         pool = await self._storage.pool_info(self._pool)
@@ -93,21 +96,21 @@ class AgentView:
                     self._space = _Space(
                         pool, {v.uuid: v.used_bytes for v in volumes}, time.monotonic()
                     )
-                except (VolagentError, TimeoutError) as exc:
-                    reason = exc.message if isinstance(exc, VolagentError) else "ZFS did not answer"
-                    self._space = _Space(None, None, time.monotonic(), reason)
+                except (VolagentError, TimeoutError):
+                    self._space = _Space(None, None, time.monotonic())  # tried again after the TTL
             return self._space
 
     async def ready(self) -> list[Check]:
         """Broker connected, ZFS and its pool healthy, no failed zone, central reachable."""
         broker = self._mqtt.state
-        space = await self._read_space(fresh=True)
-        if space.pool is None:
-            zfs = Check("zfs", ok=False, detail=space.error or "unknown")
+        try:
+            async with asyncio.timeout(ZFS_CHECK_TIMEOUT_S):
+                pool = await self._storage.pool_info(self._pool)
+        except (VolagentError, TimeoutError) as exc:
+            reason = exc.message if isinstance(exc, VolagentError) else "ZFS did not answer"
+            zfs = Check("zfs", ok=False, detail=reason)
         else:
-            zfs = Check(
-                "zfs", ok=space.pool.healthy, detail=f"pool {self._pool} {space.pool.health}"
-            )
+            zfs = Check("zfs", ok=pool.healthy, detail=f"pool {self._pool} {pool.health}")
         failed = [v.uuid for v in self._catalog.all() if v.zone.state is ZoneState.FAILED]
         zones = Check(
             "zones",
