@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import ssl
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from volagent.adapters.mqtt import BrokerUnavailable
+from volagent.adapters.mqtt import BrokerUnavailable, credentials, tls_context
 from volagent.config import Config
 from volagent.domain.tasks import decode_task
 from volagent.domain.wire import PROTOCOL_VERSION, format_timestamp
@@ -160,26 +159,6 @@ def build_task(
 # ---------------------------------------------------------------- the broker
 
 
-def _read_password(config: Config) -> str | None:
-    path = config.mqtt.password_file
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BrokerUnavailable(f"cannot read mqtt.password_file {path}: {exc}") from exc
-
-
-def _tls_context(config: Config) -> ssl.SSLContext | None:
-    if not config.mqtt.tls:
-        return None
-    ca_file = config.mqtt.ca_file
-    try:
-        return ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
-    except OSError as exc:  # ssl.SSLError is an OSError
-        raise BrokerUnavailable(f"cannot load mqtt.ca_file {ca_file}: {exc}") from exc
-
-
 def mqtt_client(config: Config, client_id: str) -> aiomqtt.Client:
     """A client of the agent's broker with the agent's credentials and TLS, as ``client_id``.
 
@@ -187,8 +166,7 @@ def mqtt_client(config: Config, client_id: str) -> aiomqtt.Client:
     Raises :class:`~volagent.adapters.mqtt.BrokerUnavailable` when the password file or the
     CA file cannot be read.
     """
-    password = _read_password(config)
-    username = config.mqtt.username if config.mqtt.username or password is not None else None
+    username, password = credentials(config.mqtt)
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
     properties.SessionExpiryInterval = 0
     return aiomqtt.Client(
@@ -202,7 +180,7 @@ def mqtt_client(config: Config, client_id: str) -> aiomqtt.Client:
         properties=properties,
         keepalive=config.mqtt.keepalive_s,
         timeout=BROKER_TIMEOUT_S,
-        tls_context=_tls_context(config),
+        tls_context=tls_context(config.mqtt),
     )
 
 

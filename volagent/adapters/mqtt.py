@@ -46,7 +46,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from volagent import __version__
-from volagent.config import Config
+from volagent.config import Config, MqttConfig
 from volagent.errors import VolagentError
 
 __all__ = [
@@ -387,12 +387,11 @@ class MqttAdapter:
 
     def _make_client(self) -> aiomqtt.Client:
         """A fresh aiomqtt client for one attempt, in manual-ack mode."""
-        password = self._read_password()
+        username, password = credentials(self._mqtt)
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         properties.ReceiveMaximum = self._receive_maximum
         properties.MaximumPacketSize = self._max_packet
-        username = self._mqtt.username if self._mqtt.username or password is not None else None
         client = aiomqtt.Client(
             self._mqtt.host,
             self._mqtt.port,
@@ -405,7 +404,7 @@ class MqttAdapter:
             will=aiomqtt.Will(self._status_topic, self._offline, qos=1, retain=True),
             keepalive=self._mqtt.keepalive_s,
             timeout=self._op_timeout,
-            tls_context=self._tls_context(),
+            tls_context=tls_context(self._mqtt),
         )
         paho = client._client  # noqa: SLF001 -- aiomqtt exposes no manual ack (aiomqtt#345)
         # Without this, paho sends the PUBACK as soon as aiomqtt has queued the message.
@@ -421,27 +420,6 @@ class MqttAdapter:
 
         paho.on_connect = on_connect
         return client
-
-    def _read_password(self) -> str | None:
-        path = self._mqtt.password_file
-        if path is None:
-            return None
-        try:
-            return path.read_text(encoding="utf-8").rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BrokerUnavailable(f"cannot read mqtt.password_file {path}: {exc}") from exc
-
-    def _tls_context(self) -> ssl.SSLContext | None:
-        """Verify the broker against ``mqtt.ca_file`` (or the system CAs), host name included."""
-        if not self._mqtt.tls:
-            return None
-        ca_file = self._mqtt.ca_file
-        try:
-            context = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
-        except OSError as exc:  # ssl.SSLError is an OSError
-            raise BrokerUnavailable(f"cannot load mqtt.ca_file {ca_file}: {exc}") from exc
-        context.sslsocket_class = _ClosingSSLSocket
-        return context
 
     async def _start(self, conn: _Connection) -> None:
         """Subscribe to the tasks topic at QoS 1 and publish the online status."""
@@ -612,6 +590,36 @@ class MqttAdapter:
             self._on_state(self.state)
         except Exception:  # noqa: BLE001 -- a faulty observer must not take the connection down
             _log.exception("mqtt state observer failed")
+
+
+def credentials(mqtt: MqttConfig) -> tuple[str | None, str | None]:
+    """Username and password for the broker from ``[mqtt]`` (the password file read now).
+
+    A username is sent when one is set or a password is; raises :class:`BrokerUnavailable`
+    when the password file cannot be read.
+    """
+    password = None
+    path = mqtt.password_file
+    if path is not None:
+        try:
+            password = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BrokerUnavailable(f"cannot read mqtt.password_file {path}: {exc}") from exc
+    username = mqtt.username if mqtt.username or password is not None else None
+    return username, password
+
+
+def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
+    """Verify the broker against ``mqtt.ca_file`` (or the system CAs), host name included."""
+    if not mqtt.tls:
+        return None
+    ca_file = mqtt.ca_file
+    try:
+        context = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise BrokerUnavailable(f"cannot load mqtt.ca_file {ca_file}: {exc}") from exc
+    context.sslsocket_class = _ClosingSSLSocket
+    return context
 
 
 def _no_ack() -> None:

@@ -177,6 +177,15 @@ class VolumeService:
                 details={"free_bytes": pool.free_bytes, "wanted_bytes": wanted_bytes},
             )
 
+    async def _refuse_if_in_use(self, uuid: str) -> None:
+        """VolumeInUse (``details.clients``: their IPs) while clients are connected."""
+        clients = await self._d.zones.connected_clients(uuid)
+        if clients:
+            raise VolumeInUse(
+                f"volume {uuid} has {len(clients)} connected client(s)",
+                details={"clients": clients},
+            )
+
     # ------------------------------------------------------------------ delete
 
     async def delete(self, task: VolumeDeleteTask, ctx: TaskContext) -> VolumeDeleteResult:
@@ -188,12 +197,7 @@ class VolumeService:
         if found is None and current is None:
             return VolumeDeleteResult(uuid=uuid, already_absent=not ctx.done("deleting"))
         if not task.params.force and not deleting:
-            clients = await d.zones.connected_clients(uuid)
-            if clients:
-                raise VolumeInUse(
-                    f"volume {uuid} has {len(clients)} connected client(s)",
-                    details={"clients": clients},
-                )
+            await self._refuse_if_in_use(uuid)
         await ctx.step_done("deleting")
         if current is not None:
             async with d.catalog.lock(uuid):
@@ -310,12 +314,7 @@ class VolumeService:
         d, uuid = self._d, task.params.uuid
         volume = d.live(uuid)
         if not task.params.force and not ctx.resumed:
-            clients = await d.zones.connected_clients(uuid)
-            if clients:
-                raise VolumeInUse(
-                    f"volume {uuid} has {len(clients)} connected client(s)",
-                    details={"clients": clients},
-                )
+            await self._refuse_if_in_use(uuid)
         zone_spec = await d.zone_spec(uuid, volume.spec())
         await d.supervisor.unwatch(uuid)
         if task.kind == "zone.update":
