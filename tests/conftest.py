@@ -25,7 +25,7 @@ from tests.support.mqtt import Mosquitto
 from tests.support.net import Bridge, Namespace
 from tests.support.nfs import NfsClient
 from tests.support.run import sh
-from tests.support.zfs import Daemon, Pool, destroy_dataset_tree
+from tests.support.zfs import Daemon, Pool, daemon_answers, destroy_dataset_tree
 from tests.support.zones import ZoneBed
 from volagent.adapters import proc
 from volagent.adapters.zfs import ZfsCli
@@ -94,6 +94,20 @@ def zfs_daemon(run_dir: Path) -> Iterator[Daemon]:
     daemon.ensure_running()
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture
+def zfs_outage(zfs_daemon: Daemon, zpool: Pool) -> Iterator[Daemon]:
+    """The daemon, for one test to kill and resume; after it, running with everything mounted.
+
+    Killing the daemon leaves every pool's mounts dead, so whatever the test did, they are
+    detached and every dataset mounted again for the other tests.
+    """
+    yield zfs_daemon
+    if zfs_daemon.running_pid() is None or not daemon_answers():
+        zfs_daemon.kill()
+        zfs_daemon.resume()
+    zfs_daemon.remount_all()
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,10 @@ the dataset root exists, reconcile ZFS, zones and the journal, queue the unfinis
 the unsent events of the last run, then tell the service manager the agent is ready.
 
 **Main loop**: a :class:`asyncio.TaskGroup` of named tasks: the MQTT session, the intake
-(each message journaled, then acknowledged), the event publisher, the zone supervisor and the
-journal's pruning. Tasks themselves run on the :class:`~volagent.engine.runner.Runner`.
+(each message journaled, then acknowledged), the event publisher, the zone supervisor, the
+storage watch (volumes served again after a ZFS outage), the status refresh, the central
+reporter and heartbeat, the watchdog pings and the journal's pruning. Tasks themselves run on
+the :class:`~volagent.engine.runner.Runner`.
 
 **Shutdown**, on SIGTERM or SIGINT (the handler only sets an event): stop taking messages
 (those not yet journaled are redelivered by the broker), let running tasks reach a safe
@@ -53,6 +55,8 @@ from volagent.services.catalog import Catalog
 from volagent.services.deps import Deps
 from volagent.services.handlers import Services
 from volagent.services.reporter import Heartbeat, Reporter, heartbeat_body
+from volagent.services.storage_watch import TASK_NAME as STORAGE_WATCH
+from volagent.services.storage_watch import StorageWatch
 from volagent.services.volumes import zone_changed
 from volagent.services.zone_supervisor import SupervisorPolicy, ZoneSupervisor
 from volagent.view import AgentView
@@ -164,6 +168,7 @@ class Agent:
         self.runner: Runner
         self.publisher: EventPublisher
         self.supervisor: ZoneSupervisor
+        self.storage_watch: StorageWatch
         self.deps: Deps
         self._intake: Intake
         self.outcomes: list[Callable[[Outcome], None]] = []
@@ -253,6 +258,7 @@ class Agent:
             supervisor=self.supervisor,
             catalog=self.catalog,
         )
+        self.storage_watch = StorageWatch(self.deps)
         events = Events(self.journal, self.publisher, config.cn)
         self.runner = Runner(
             self.journal,
@@ -282,6 +288,7 @@ class Agent:
             metrics=self.metrics,
             central=self.heartbeat,
             extra_status=self._extra_status,
+            storage_problem=self.storage_watch.problem,
         )
         self.http = LocalApi(
             self.view, listen=config.http.listen, allow_non_loopback=config.http.allow_non_loopback
@@ -312,6 +319,7 @@ class Agent:
                 tg.create_task(self._pump(), name="intake"),
                 tg.create_task(self.publisher.run(), name="event-publisher"),
                 tg.create_task(self.supervisor.run(), name="zone-supervisor"),
+                tg.create_task(self.storage_watch.run(), name=STORAGE_WATCH),
                 tg.create_task(self._prune(), name="journal-prune"),
                 tg.create_task(self._refresh_status(), name="status-refresh"),
             ]
@@ -392,6 +400,7 @@ class Agent:
             "reconciliation": None if recon is None else recon.as_dict(),
             "dropped_messages": dict(self.dropped),
             "events_queued": self.publisher.depth,
+            "storage": self.storage_watch.as_dict(),
         }
 
     async def _heartbeat_body(self) -> dict[str, Any]:

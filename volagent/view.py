@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -65,6 +65,7 @@ class AgentView:
         metrics: Metrics,
         central: CentralState | None,
         extra_status: Callable[[], Mapping[str, Any]] | None = None,
+        storage_problem: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         """Show the agent made of these parts."""
         self._cn = cn
@@ -79,6 +80,7 @@ class AgentView:
         self._metrics = metrics
         self._central = central
         self._extra = extra_status
+        self._storage_problem = storage_problem
         self._space = _Space()
         self._space_lock = asyncio.Lock()
 
@@ -101,7 +103,7 @@ class AgentView:
             return self._space
 
     async def ready(self) -> list[Check]:
-        """Broker connected, ZFS and its pool healthy, no failed zone, central reachable."""
+        """Broker connected, ZFS healthy and serving, no failed zone, central reachable."""
         broker = self._mqtt.state
         try:
             async with asyncio.timeout(ZFS_CHECK_TIMEOUT_S):
@@ -111,6 +113,9 @@ class AgentView:
             zfs = Check("zfs", ok=False, detail=reason)
         else:
             zfs = Check("zfs", ok=pool.healthy, detail=f"pool {self._pool} {pool.health}")
+            problem = None if self._storage_problem is None else await self._storage_problem()
+            if problem is not None:
+                zfs = Check("zfs", ok=False, detail=problem)
         failed = [v.uuid for v in self._catalog.all() if v.zone.state is ZoneState.FAILED]
         zones = Check(
             "zones",

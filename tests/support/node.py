@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -59,6 +60,23 @@ class EventLog(threading.Thread):
         self.raw: list[bytes] = []
         self._lock = threading.Lock()
         self.start()
+        self._wait_subscribed(broker, topic)
+
+    def _wait_subscribed(self, broker: Mosquitto, topic: str) -> None:
+        """Publish probes until one comes back: from then on no event can be missed."""
+        deadline = time.monotonic() + WAIT
+        for n in itertools.count():
+            probe = json.dumps({"probe": n}).encode()
+            broker.pub(topic, probe.decode())
+            until = time.monotonic() + 0.5
+            while time.monotonic() < until:
+                with self._lock:
+                    if probe in self.raw:
+                        return
+                time.sleep(0.01)
+            if time.monotonic() > deadline:
+                msg = f"mosquitto_sub on {topic} never received a probe"
+                raise AssertionError(msg)
 
     def run(self) -> None:
         """Collect lines until the subscriber ends."""
@@ -174,7 +192,6 @@ class AgentNode:
         """Start collecting events (before anything is published)."""
         if self.events is None:
             self.events = EventLog(self.broker, self.config().events_topic)
-            time.sleep(0.3)  # mosquitto_sub subscribes right after it connects
         return self.events
 
     # ------------------------------------------------------------------ in-process agent

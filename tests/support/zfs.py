@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -45,7 +46,7 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while not daemon_answers():
             if time.monotonic() > deadline:
-                msg = "zfs-fuse did not answer within {timeout}s"
+                msg = f"zfs-fuse did not answer within {timeout}s"
                 raise RuntimeError(msg)
             time.sleep(0.1)
 
@@ -55,6 +56,56 @@ class Daemon:
             return int(self.pidfile.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
+
+    @staticmethod
+    def running_pid() -> int | None:
+        """The pid of the zfs-fuse daemon running now, whoever started it."""
+        done = subprocess.run(
+            ["pgrep", "-x", "zfs-fuse"], capture_output=True, text=True, timeout=10, check=False
+        )
+        for pid in (int(p) for p in done.stdout.split()):
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if stat.rsplit(")", 1)[1].split()[0] != "Z":  # a zombie is an exited daemon
+                    return pid
+        return None
+
+    def kill(self, timeout: float = 30) -> None:
+        """Kill the running daemon (SIGKILL), whoever started it, and wait until it is gone.
+
+        This is the outage a node meets: a graceful stop (SIGTERM) waits, without end, until
+        every open file on its datasets is closed, and a zone's NFS server holds its files
+        open. The dead daemon's mounts stay in the mount table, and every access to them
+        fails with ENOTCONN. The pools stay in its cache for the next :meth:`resume`.
+        """
+        pid = self.running_pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self.running_pid() is not None:
+            if time.monotonic() > deadline:
+                msg = f"zfs-fuse (pid {pid}) still runs {timeout}s after SIGKILL"
+                raise RuntimeError(msg)
+            time.sleep(0.05)
+
+    def resume(self) -> None:
+        """Start the daemon again after :meth:`kill` and wait until it answers.
+
+        zfs-fuse leaves its pid file behind and refuses to start over one ("already exists;
+        aborting"), so it is removed first. Whether the daemon is stopped at the end of the
+        run stays as it was.
+        """
+        self.pidfile.unlink(missing_ok=True)
+        sh(["zfs-fuse", "--pidfile", str(self.pidfile)], timeout=30)
+        self.wait_ready()
+
+    @staticmethod
+    def remount_all() -> None:
+        """Detach the dead mounts a killed daemon left, then mount every dataset again."""
+        for point in dead_zfs_mounts():
+            sh(["umount", "-l", point], check=False)  # a parent's detach took it already
+        sh(["zfs", "mount", "-a"], timeout=120)
 
     def stop(self) -> None:
         """Stop the daemon if this run started it (pools must be gone already)."""
@@ -67,6 +118,22 @@ class Daemon:
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         self.started_here = False
+
+
+def dead_zfs_mounts() -> list[str]:
+    """Mount points of zfs-fuse mounts whose daemon is gone, deepest first."""
+    dead = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2] not in ("fuse.zfs", "fuse") or not fields[1].startswith("/"):
+            continue
+        point = fields[1].replace("\\040", " ")
+        try:
+            os.statvfs(point)  # reaches the daemon; a stat may be answered from a cache
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                dead.append(point)
+    return sorted(dead, key=lambda p: p.count("/"), reverse=True)
 
 
 @dataclass

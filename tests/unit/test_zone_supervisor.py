@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -441,3 +442,56 @@ async def test_a_runtime_that_counts_more_restarts_is_believed() -> None:
     bed.zones.healthy["v1"] = False
     await bed.sup.check_all()
     assert [s.restarts for _, s in bed.changes] == [10]
+
+
+async def test_a_paused_supervisor_probes_and_restarts_nothing_until_resumed(bed: Bed) -> None:
+    await bed.sup.watch(spec("v1"))
+    bed.zones.healthy["v1"] = False
+    bed.sup.pause()
+    assert bed.sup.paused
+    await bed.rounds_until(2.0)
+    assert bed.zones.calls == []
+    bed.sup.resume()
+    await bed.sup.check_all()
+    assert [k for k, _, _ in bed.zones.calls] == ["probe", "restart"]
+
+
+async def test_restart_on_request_restarts_a_watched_zone_with_the_new_spec(bed: Bed) -> None:
+    await bed.sup.watch(spec("v1"))
+    bed.clock.t = 5.0
+    moved = dataclasses.replace(spec("v1"), source="/pool/remounted")
+    await bed.sup.restart(moved, "the storage came back")
+    restarted = ZoneStatus(
+        "v1",
+        ZoneState.RUNNING,
+        EPOCH + timedelta(seconds=5),
+        restarts=1,
+        reason="restarted: the storage came back",
+        pids=(4242,),
+    )
+    assert bed.changes == [("v1", restarted)]
+    assert bed.zones.times("restart") == [5.0]
+    assert bed.zones.times("probe") == []
+    bed.zones.healthy["v1"] = False  # the next failure restarts it with the spec it was given
+    await bed.sup.check_all()
+    assert bed.zones.times("restart") == [5.0, 5.0]
+
+
+async def test_restart_on_request_leaves_unwatched_and_failed_zones_alone() -> None:
+    bed = Bed(crash_loop_failures=1)
+    await bed.sup.restart(spec("v9"), "the storage came back")  # never watched
+    await bed.sup.watch(spec("v1"))
+    bed.zones.healthy["v1"] = False
+    await bed.sup.check_all()  # one failure is a crash loop here: failed
+    assert bed.sup.status("v1").state is ZoneState.FAILED  # type: ignore[union-attr]  # watched
+    await bed.sup.restart(spec("v1"), "the storage came back")
+    assert bed.zones.times("restart") == []
+    assert bed.zones.times("restart", "v9") == []
+
+
+async def test_a_restart_on_request_that_fails_reports_nothing(bed: Bed) -> None:
+    await bed.sup.watch(spec("v1"))
+    bed.zones.restart_error["v1"] = ZoneFailed("ganesha would not start")
+    await bed.sup.restart(spec("v1"), "the storage came back")
+    assert bed.changes == []
+    assert bed.sup.status("v1") == ZoneStatus("v1", ZoneState.RUNNING, EPOCH)

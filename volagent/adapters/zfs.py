@@ -21,6 +21,8 @@ import asyncio
 import base64
 import binascii
 import dataclasses
+import errno
+import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
@@ -74,6 +76,8 @@ COMPLETE_VALUE: Final = "yes"
 
 _B64: Final = "b64:"
 _CHUNK: Final = 256 * 1024
+#: Detaches a dead zfs-fuse mount (see :meth:`ZfsCli.mount`).
+UMOUNT: Final = "umount"
 _GET: Final = ("get", "-H", "-p", "-o", "name,property,value,source")
 _SNAPSHOT_PROPS: Final = ("type", "guid", "createtxg", "creation", "used", "userrefs")
 _VOLUME_PROPS: Final = (
@@ -185,6 +189,19 @@ def _parse_get(argv: Sequence[str], text: str) -> list[DatasetProperties]:
             continue  # an unset user property
         values[name][prop] = decode_user_value(value) if ":" in prop else value
     return [DatasetProperties(name, values[name], sources[name]) for name in values]
+
+
+def _dead_mount(path: str) -> bool:
+    """Whether ``path`` is a FUSE mount whose daemon is gone (ENOTCONN on any access).
+
+    Asked with statfs, which always reaches the daemon: the kernel may answer a stat of the
+    mount's root from its cache even when the daemon is gone.
+    """
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def _dataset_or_snapshot(name: str) -> str:
@@ -546,10 +563,38 @@ class ZfsCli:
                 await self._mount(new_name + fs[len(name) :])
 
     async def mount(self, name: str) -> None:
-        """Mount ``name`` unless it is mounted already."""
+        """Mount ``name`` unless it is mounted already.
+
+        A mount a dead zfs-fuse daemon left behind (ZFS lists it as mounted, since it reads
+        the mount table, but every access fails with ENOTCONN) is detached first with
+        ``umount -l``, and the dataset mounted afresh.
+        """
         validate_dataset_name(name)
         async with self._locks.hold(name):
+            await self._detach_if_dead(name)
             await self._mount(name)
+
+    async def mount_dead(self, name: str) -> bool:
+        """Whether ``name`` is listed as mounted but every access fails with ENOTCONN.
+
+        That is what a zfs-fuse daemon that died leaves of its mounts, even once it runs
+        again (it reads the mount table to say what is mounted).
+        """
+        validate_dataset_name(name)
+        return await self._dead_mountpoint(name) is not None
+
+    async def _dead_mountpoint(self, name: str) -> str | None:
+        props = (await self._get(["mounted,mountpoint", name]))[0]
+        mountpoint = props.get("mountpoint") or ""
+        if not props.get_bool("mounted") or not mountpoint.startswith("/"):
+            return None
+        return mountpoint if await asyncio.to_thread(_dead_mount, mountpoint) else None
+
+    async def _detach_if_dead(self, name: str) -> None:
+        mountpoint = await self._dead_mountpoint(name)
+        if mountpoint is not None:
+            _log.warning("detaching a dead mount", dataset=name, mountpoint=mountpoint)
+            await self._run(UMOUNT, ["-l", mountpoint])
 
     async def _mount(self, name: str) -> None:
         try:

@@ -273,6 +273,10 @@ class Storage(Protocol):
         """Unmount ``name`` (never forced); nothing to do when it is not mounted."""
         ...
 
+    async def mount_dead(self, name: str) -> bool:
+        """Whether ``name`` is listed as mounted but its mount is dead (its daemon died)."""
+        ...
+
     # ------------------------------------------------------------------ snapshots
 
     async def create_snapshot(self, dataset: str, snapshot: str) -> None:

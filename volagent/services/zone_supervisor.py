@@ -9,6 +9,10 @@ failed probes within ``crash_loop_window_s`` mark the zone :attr:`~ZoneState.FAI
 the reason, and it is left alone until it is watched again (after an operator's
 ``zone.restart``, say). A probe that answers ends the backoff.
 
+While the storage is away (:meth:`ZoneSupervisor.pause`), no zone is probed or restarted:
+a zone started then would serve an empty directory in place of its unmounted dataset.
+:meth:`ZoneSupervisor.restart` restarts one watched zone on request (its storage came back).
+
 The supervisor keeps each watched zone's :class:`ZoneStatus` (restart count, since, reason)
 and reports every change, a restart or a failure, through ``on_change``, so the task engine
 can move the volume's state. It never stops a zone: cancelling :meth:`ZoneSupervisor.run`
@@ -113,6 +117,7 @@ class ZoneSupervisor:
         self._now = now
         self._sleep = sleep
         self._watched: dict[str, _Watch] = {}
+        self._paused = False
 
     async def watch(self, spec: ZoneSpec, status: ZoneStatus | None = None) -> None:
         """Supervise the zone serving ``spec`` from now on, keeping it running.
@@ -148,6 +153,42 @@ class ZoneSupervisor:
             async with watch.lock:
                 pass
 
+    def watched(self) -> list[str]:
+        """The volume uuids whose zones are watched."""
+        return list(self._watched)
+
+    def pause(self) -> None:
+        """Probe and restart nothing until :meth:`resume` (the storage is away)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Probe and restart again."""
+        self._paused = False
+
+    @property
+    def paused(self) -> bool:
+        """Whether probing is paused."""
+        return self._paused
+
+    async def restart(self, spec: ZoneSpec, reason: str) -> None:
+        """Restart the watched zone serving ``spec`` now, reporting the change.
+
+        For a zone whose processes run but can no longer serve, which no probe would notice
+        (its dataset was unmounted under it). A zone not watched, or failed, is left alone.
+        """
+        watch = self._watched.get(spec.volume_uuid)
+        if watch is None:
+            return
+        async with watch.lock:
+            if self._watched.get(spec.volume_uuid) is not watch:
+                return
+            if watch.status.state is ZoneState.FAILED:
+                return
+            watch.spec = spec
+            change = await self._restart(watch, reason)
+        if change is not None:
+            await self._on_change(spec.volume_uuid, change)
+
     def status(self, volume_uuid: str) -> ZoneStatus | None:
         """The supervisor's status of a watched zone, or None when it is not watched."""
         watch = self._watched.get(volume_uuid)
@@ -161,6 +202,8 @@ class ZoneSupervisor:
 
     async def check_all(self) -> None:
         """One round: check every watched zone at once; returns when all checks are done."""
+        if self._paused:
+            return
         async with asyncio.TaskGroup() as group:
             for uuid, watch in list(self._watched.items()):
                 group.create_task(self._check(watch), name=f"{TASK_NAME}:{uuid}")
@@ -208,6 +251,11 @@ class ZoneSupervisor:
             return watch.status
         watch.consecutive += 1
         watch.not_before = now + self.policy.backoff(watch.consecutive)
+        return await self._restart(watch, reason)
+
+    async def _restart(self, watch: _Watch, reason: str) -> ZoneStatus | None:
+        """Restart the zone (not interrupted halfway); its new status when it runs again."""
+        uuid = watch.spec.volume_uuid
         try:
             restarted = await aio.uninterrupted(self._zones.restart(watch.spec))
         except VolagentError as exc:
@@ -229,6 +277,6 @@ class ZoneSupervisor:
             volume_uuid=uuid,
             reason=reason,
             restarts=watch.status.restarts,
-            backoff_s=self.policy.backoff(watch.consecutive),
+            backoff_s=self.policy.backoff(watch.consecutive) if watch.consecutive else 0.0,
         )
         return watch.status
