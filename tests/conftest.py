@@ -98,16 +98,17 @@ def zfs_daemon(run_dir: Path) -> Iterator[Daemon]:
 
 @pytest.fixture
 def zfs_outage(zfs_daemon: Daemon, zpool: Pool) -> Iterator[Daemon]:
-    """The daemon, for one test to kill and resume; after it, running with everything mounted.
+    """The daemon, for one test to kill and resume; after it, running with the run's pool mounted.
 
-    Killing the daemon leaves every pool's mounts dead, so whatever the test did, they are
-    detached and every dataset mounted again for the other tests.
+    Killing the daemon leaves every pool's mounts dead, so whatever the test did, the run's
+    pool is detached and mounted again for the other tests (the test's own extra pools are
+    gone by then; other pools on the machine are not the run's to touch).
     """
     yield zfs_daemon
     if zfs_daemon.running_pid() is None or not daemon_answers():
         zfs_daemon.kill()
         zfs_daemon.resume()
-    zfs_daemon.remount_all()
+    zfs_daemon.remount([zpool.name])
 
 
 @pytest.fixture(scope="session")

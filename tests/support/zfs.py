@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,11 +102,22 @@ class Daemon:
         self.wait_ready()
 
     @staticmethod
-    def remount_all() -> None:
-        """Detach the dead mounts a killed daemon left, then mount every dataset again."""
-        for point in dead_zfs_mounts():
+    def remount(pools: Sequence[str]) -> None:
+        """Detach the dead mounts a killed daemon left in ``pools``, then mount them again.
+
+        Only these pools: other pools on the machine are not this run's to touch.
+        """
+        for point in dead_zfs_mounts(pools):
             sh(["umount", "-l", point], check=False)  # a parent's detach took it already
-        sh(["zfs", "mount", "-a"], timeout=120)
+        for pool in pools:
+            listed = sh(["zfs", "list", "-H", "-r", "-t", "filesystem", "-o", "name", pool])
+            for fs in sorted(listed.split(), key=lambda n: n.count("/")):
+                done = subprocess.run(
+                    ["zfs", "mount", fs], capture_output=True, text=True, timeout=60, check=False
+                )
+                if done.returncode != 0 and "already mounted" not in done.stderr:
+                    msg = f"zfs mount {fs} failed: {done.stderr.strip()}"
+                    raise RuntimeError(msg)
 
     def stop(self) -> None:
         """Stop the daemon if this run started it (pools must be gone already)."""
@@ -120,12 +132,12 @@ class Daemon:
         self.started_here = False
 
 
-def dead_zfs_mounts() -> list[str]:
-    """Mount points of zfs-fuse mounts whose daemon is gone, deepest first."""
+def dead_zfs_mounts(pools: Sequence[str]) -> list[str]:
+    """Mount points of the datasets of ``pools`` whose daemon is gone, deepest first."""
     dead = []
     for line in Path("/proc/self/mounts").read_text().splitlines():
         fields = line.split()
-        if fields[2] not in ("fuse.zfs", "fuse") or not fields[1].startswith("/"):
+        if fields[2] != "fuse.zfs" or fields[0].split("/", 1)[0] not in pools:
             continue
         point = fields[1].replace("\\040", " ")
         try:
