@@ -433,3 +433,25 @@ async def test_resume_fails_an_unfinished_task_that_is_no_longer_valid(
     assert rec is not None
     assert rec.state is TaskState.FAILED
     await node.runner.shutdown(grace_s=HANG_S)
+
+
+async def test_resume_announces_a_task_journaled_but_never_announced(
+    journal: AsyncJournal,
+) -> None:
+    # The agent died between journaling the task and storing its accepted event.
+    obj = envelope()
+    await journal.record_received(
+        obj["id"], obj["kind"], obj["params"]["uuid"], encode(obj), None, utcnow()
+    )
+    node = make_node(journal)
+
+    assert await node.intake.resume(await journal.pending()) == 1
+    await node.idle()
+
+    events = node.emitted.of(obj["id"])
+    assert [(e["seq"], e["state"]) for e in events] == [
+        (1, "accepted"),
+        (2, "running"),
+        (3, "succeeded"),
+    ]
+    await node.runner.shutdown(grace_s=HANG_S)

@@ -217,6 +217,45 @@ def test_seq_is_monotonic_across_reopen_and_ends_with_the_task(path: Path) -> No
             j.next_seq("nope")
 
 
+def test_finish_numbered_takes_the_next_seq_in_the_same_transaction(path: Path) -> None:
+    with Journal.open(path) as j:
+        receive(j, "t1")
+        assert j.next_seq("t1") == 1
+        event_id, body = j.finish_numbered(
+            "t1",
+            TaskState.SUCCEEDED,
+            lambda seq: event("t1", seq),
+            now=at(2),
+            result={"ok": True},
+        )
+        assert json.loads(body)["seq"] == 2
+        task = j.get("t1")
+        assert task is not None
+        assert (task.state, task.seq, task.terminal_event) == (TaskState.SUCCEEDED, 2, body)
+        assert j.events_queued(10) == [(event_id, body)]
+        with pytest.raises(VolagentError, match="already succeeded"):
+            j.finish_numbered("t1", TaskState.SUCCEEDED, lambda _seq: b"{}", now=at(3), result=1)
+        task = j.get("t1")
+        assert task is not None
+        assert task.seq == 2  # a refused finish takes no number
+
+
+def test_finish_numbered_that_fails_to_build_its_event_changes_nothing(path: Path) -> None:
+    with Journal.open(path) as j:
+        receive(j, "t1")
+
+        def broken(seq: int) -> bytes:
+            msg = f"cannot render event {seq}"
+            raise RuntimeError(msg)
+
+        with pytest.raises(RuntimeError):
+            j.finish_numbered("t1", TaskState.SUCCEEDED, broken, now=at(2), result={})
+        task = j.get("t1")
+        assert task is not None
+        assert (task.state, task.seq) == (TaskState.RECEIVED, 0)
+        assert j.events_queued(10) == []
+
+
 def test_mark_running_counts_attempts_and_keeps_the_first_start(path: Path) -> None:
     with Journal.open(path) as j:
         receive(j, "t1")

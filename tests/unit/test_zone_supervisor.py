@@ -82,8 +82,8 @@ class FakeZones:
     def times(self, kind: str, uuid: str = "v1") -> list[float]:
         return [t for k, u, t in self.calls if k == kind and u == uuid]
 
-    async def start(self, spec: ZoneSpec) -> ZoneStatus:
-        raise _unused(self.start, spec)
+    async def start(self, spec: ZoneSpec, *, restarts: int = 0) -> ZoneStatus:
+        raise _unused(self.start, spec, restarts)
 
     async def stop(self, volume_uuid: str) -> None:
         raise _unused(self.stop, volume_uuid)

@@ -376,19 +376,20 @@ class LinuxZones:
 
     # ------------------------------------------------------------------ the port
 
-    async def start(self, spec: ZoneSpec) -> ZoneStatus:
+    async def start(self, spec: ZoneSpec, *, restarts: int = 0) -> ZoneStatus:
         """Serve ``spec``; a running zone is left as it is, reloaded or restarted to match it.
 
         A running zone whose spec and configuration match is untouched; one that differs only
         in what ganesha reloads (clients, read-only, squash) is reloaded; any other difference
-        restarts it. A recorded zone whose processes are gone is started afresh.
+        restarts it. A recorded zone whose processes are gone is started afresh. A zone with
+        no record starts counting its restarts from ``restarts``.
         """
         ganesha.check_spec(spec)
         async with self._locked(spec.volume_uuid):
             record = self._load(spec.volume_uuid)
             if record is not None and self._alive(record) is None:
                 return await self._converge(record, spec)
-            return await self._recreate(record, spec)
+            return await self._recreate(record, spec, first_count=restarts)
 
     async def stop(self, volume_uuid: str) -> None:
         """Stop the zone and remove everything it had; nothing to do for an unknown zone."""
@@ -618,9 +619,11 @@ class LinuxZones:
         _log.info("zone_reloaded", volume_uuid=spec.volume_uuid, pid=pid)
         return self._status(record)
 
-    async def _recreate(self, record: _Record | None, spec: ZoneSpec) -> ZoneStatus:
+    async def _recreate(
+        self, record: _Record | None, spec: ZoneSpec, *, first_count: int = 0
+    ) -> ZoneStatus:
         """Tear down what ``record`` has (if anything), then create the zone for ``spec``."""
-        restarts = 0
+        restarts = first_count
         if record is not None:
             await self._teardown(record)
             restarts = record.restarts + 1

@@ -106,6 +106,8 @@ class Intake:
             except TaskRejected as exc:
                 await self._events.finish(record.id, record.kind or "", error=exc)
                 continue
+            if record.seq == 0:  # journaled, then the agent died before announcing it
+                await self._events.emit(record.id, task.kind, EventState.ACCEPTED)
             self._runner.submit(task, record)
             resumed += 1
         if resumed:

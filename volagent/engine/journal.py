@@ -109,6 +109,20 @@ class TaskState(StrEnum):
         return self in {TaskState.SUCCEEDED, TaskState.FAILED}
 
 
+def _check_end(state: TaskState, result: Any, error: Mapping[str, Any] | None) -> None:
+    """Refuse a terminal state that does not go with its result or error."""
+    if state is TaskState.SUCCEEDED:
+        if error is not None:
+            msg = "a succeeded task has no error"
+            raise ValueError(msg)
+    elif state is TaskState.FAILED:
+        if error is None or result is not None:
+            msg = "a failed task has an error and no result"
+            raise ValueError(msg)
+    else:
+        raise ValueError(f"{state} is not a terminal state")
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     """A task as the journal holds it.
@@ -599,32 +613,63 @@ class Journal:
         With ``publish`` the terminal event is queued in the event outbox in the same
         transaction, and its outbox id returned.
         """
-        if state is TaskState.SUCCEEDED:
-            if error is not None:
-                msg = "a succeeded task has no error"
-                raise ValueError(msg)
-        elif state is TaskState.FAILED:
-            if error is None or result is not None:
-                msg = "a failed task has an error and no result"
-                raise ValueError(msg)
-        else:
-            raise ValueError(f"{state} is not a terminal state")
+        _check_end(state, result, error)
         with self._write("record a finished task") as conn:
-            changed = conn.execute(
-                "UPDATE tasks SET state = ?, finished = ?, result = ?, error = ?,"
-                " terminal_event = ? WHERE id = ? AND finished IS NULL",
-                (
-                    state.value,
-                    _ts(now),
-                    None if result is None else _json(result),
-                    None if error is None else _json(dict(error)),
-                    terminal_event,
-                    task_id,
-                ),
-            ).rowcount
-            if not changed:
-                self._unknown_or_finished(conn, task_id, "finish it")
+            self._finish_in(conn, task_id, state, terminal_event, now, result, error)
             return self._queue_event(conn, task_id, terminal_event) if publish else None
+
+    def finish_numbered(
+        self,
+        task_id: str,
+        state: TaskState,
+        make: Callable[[int], bytes],
+        *,
+        now: datetime,
+        result: Any = None,
+        error: Mapping[str, Any] | None = None,
+    ) -> tuple[int, bytes]:
+        """Number the terminal event, build it with ``make(seq)``, finish and queue it, at once.
+
+        As :meth:`finish` with ``publish``, with the event's number taken in the same
+        transaction, so that a crash can leave no gap in a task's sequence numbers. Returns
+        the outbox id and the event bytes.
+        """
+        _check_end(state, result, error)
+        with self._write("record a finished task") as conn:
+            rows = conn.execute(
+                "UPDATE tasks SET seq = seq + 1 WHERE id = ? AND finished IS NULL RETURNING seq",
+                (task_id,),
+            ).fetchall()
+            if not rows:
+                self._unknown_or_finished(conn, task_id, "finish it")
+            body = make(rows[0][0])
+            self._finish_in(conn, task_id, state, body, now, result, error)
+            return self._queue_event(conn, task_id, body), body
+
+    def _finish_in(
+        self,
+        conn: sqlite3.Connection,
+        task_id: str,
+        state: TaskState,
+        terminal_event: bytes,
+        now: datetime,
+        result: Any,
+        error: Mapping[str, Any] | None,
+    ) -> None:
+        changed = conn.execute(
+            "UPDATE tasks SET state = ?, finished = ?, result = ?, error = ?,"
+            " terminal_event = ? WHERE id = ? AND finished IS NULL",
+            (
+                state.value,
+                _ts(now),
+                None if result is None else _json(result),
+                None if error is None else _json(dict(error)),
+                terminal_event,
+                task_id,
+            ),
+        ).rowcount
+        if not changed:
+            self._unknown_or_finished(conn, task_id, "finish it")
 
     def add_event(self, task_id: str, make: Callable[[int], bytes]) -> tuple[int, bytes]:
         """Number the task's next event, build it with ``make(seq)`` and queue it, atomically.
@@ -960,6 +1005,21 @@ class AsyncJournal:
     async def next_seq(self, task_id: str) -> int:
         """See :meth:`Journal.next_seq`."""
         return await self._call(self._journal.next_seq, task_id)
+
+    async def finish_numbered(
+        self,
+        task_id: str,
+        state: TaskState,
+        make: Callable[[int], bytes],
+        *,
+        now: datetime,
+        result: Any = None,
+        error: Mapping[str, Any] | None = None,
+    ) -> tuple[int, bytes]:
+        """See :meth:`Journal.finish_numbered`."""
+        return await self._call(
+            self._journal.finish_numbered, task_id, state, make, now=now, result=result, error=error
+        )
 
     async def finish(
         self,

@@ -146,32 +146,26 @@ class Events:
         result: BaseModel | None,
         error: VolagentError | None,
     ) -> bytes:
-        seq = await self._journal.next_seq(task_id)
         now = utcnow()
         if error is None:
             result_json = {} if result is None else result.model_dump(mode="json")
-            data = self._make(task_id, kind, EventState.SUCCEEDED, result=result_json)(seq)
-            event_id = await self._journal.finish(
+            event_id, data = await self._journal.finish_numbered(
                 task_id,
                 TaskState.SUCCEEDED,
-                terminal_event=data,
+                self._make(task_id, kind, EventState.SUCCEEDED, result=result_json),
                 now=now,
                 result=result_json,
-                publish=True,
             )
         else:
             body = ErrorBody.from_error(error)
-            data = self._make(task_id, kind, EventState.FAILED, error=body)(seq)
-            event_id = await self._journal.finish(
+            event_id, data = await self._journal.finish_numbered(
                 task_id,
                 TaskState.FAILED,
-                terminal_event=data,
+                self._make(task_id, kind, EventState.FAILED, error=body),
                 now=now,
                 error=body.model_dump(mode="json"),
-                publish=True,
             )
-        if event_id is not None:
-            self._emitter.queued(event_id, data)
+        self._emitter.queued(event_id, data)
         return data
 
     async def again(self, task_id: str, terminal_event: bytes) -> None:

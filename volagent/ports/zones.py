@@ -77,8 +77,11 @@ class ZoneUsage:
 class Zones(Protocol):
     """Start, stop and watch NFS server zones. Every call is idempotent."""
 
-    async def start(self, spec: ZoneSpec) -> ZoneStatus:
+    async def start(self, spec: ZoneSpec, *, restarts: int = 0) -> ZoneStatus:
         """Serve ``spec``; a zone already running with this spec is left as it is.
+
+        ``restarts`` is the count a zone started afresh begins with: the restarts the volume's
+        zone had before it was stopped (a rollback, say) or lost, so the count never goes back.
 
         Raises NetworkUnavailable when ``spec.nic.network`` has no usable bridge, ZoneFailed
         when the source is not mounted (never export an empty directory) or the server does

@@ -116,7 +116,8 @@ class SnapshotService:
             await ctx.step_done("rolled_back")
         await ctx.progress("serve", 2, 3)
         zone_spec = await d.zone_spec(uuid, volume.spec())
-        status = await d.zones.start(zone_spec)
+        # Stopped and started again: one restart more than the volume's zone had.
+        status = await d.zones.start(zone_spec, restarts=volume.zone.restarts + 1)
         await d.supervisor.watch(zone_spec, status)
         await ctx.progress("serve", 3, 3)
         return await self._record(uuid, state=VolumeState.READY, zone=zone_info(status))
