@@ -4,9 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help deps test unit lint fmt clean install
+.PHONY: help deps demo test unit lint fmt clean install
 
 help:
+	@echo "make demo   install what is needed, then run a whole node and a story through it (KEEP=1 leaves it up)"
 	@echo "make test   install what is needed, then run the whole test suite (real components)"
 	@echo "make lint   ruff and mypy --strict"
 	@echo "make unit   only the unit tests (no root, no components)"
@@ -15,6 +16,9 @@ help:
 
 deps:
 	scripts/install-deps
+
+demo: deps
+	scripts/demo
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
