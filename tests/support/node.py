@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from tests.support.agent import CN
 from tests.support.mqtt import Mosquitto
 from tests.support.net import Namespace
@@ -50,24 +52,44 @@ def task_message(
     return task_id, json.dumps(body)
 
 
-class EventLog(threading.Thread):
-    """Every message on the events topic, read by a real ``mosquitto_sub`` (raw bytes kept)."""
+class EventLog:
+    """Every message on the events topic, read by a real ``mosquitto_sub`` (raw bytes kept).
 
-    def __init__(self, broker: Mosquitto, topic: str) -> None:
-        super().__init__(daemon=True)
-        argv = ["mosquitto_sub", "-p", str(broker.port), "-h", "127.0.0.1", "-q", "1", "-t", topic]
-        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    With ``session`` (a client id) the subscriber keeps a persistent session (``-c -i``, QoS
+    1): whatever is published on the topic while it is away (the broker stopped, the
+    subscriber stopped) is queued for it by the broker, persistence included, and
+    :meth:`resubscribe` starts a new subscriber on the same session, which receives it all.
+    """
+
+    def __init__(self, broker: Mosquitto, topic: str, *, session: str | None = None) -> None:
+        self._broker, self._topic, self._session = broker, topic, session
         self.raw: list[bytes] = []
         self._lock = threading.Lock()
-        self.start()
-        self._wait_subscribed(broker, topic)
+        self._probes = itertools.count()
+        self._proc, self._reader = self._subscribe()
+        self._wait_subscribed()
 
-    def _wait_subscribed(self, broker: Mosquitto, topic: str) -> None:
-        """Publish probes until one comes back: from then on no event can be missed."""
+    def _subscribe(self) -> tuple[subprocess.Popen[bytes], threading.Thread]:
+        """Start a subscriber and the thread that collects its lines."""
+        argv = ["mosquitto_sub", "-p", str(self._broker.port), "-h", "127.0.0.1", "-q", "1"]
+        argv += ["-t", self._topic]
+        if self._session is not None:
+            argv += ["-c", "-i", self._session]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        reader = threading.Thread(target=self._collect, args=(proc,), daemon=True)
+        reader.start()
+        return proc, reader
+
+    def _wait_subscribed(self) -> None:
+        """Publish probes until one comes back: from then on no event can be missed.
+
+        On a persistent session the probe comes after everything the broker had queued for
+        it, so once it is back all of that has been received too.
+        """
         deadline = time.monotonic() + WAIT
-        for n in itertools.count():
-            probe = json.dumps({"probe": n}).encode()
-            broker.pub(topic, probe.decode())
+        while True:
+            probe = json.dumps({"probe": next(self._probes)}).encode()
+            self._broker.pub(self._topic, probe.decode())
             until = time.monotonic() + 0.5
             while time.monotonic() < until:
                 with self._lock:
@@ -75,15 +97,34 @@ class EventLog(threading.Thread):
                         return
                 time.sleep(0.01)
             if time.monotonic() > deadline:
-                msg = f"mosquitto_sub on {topic} never received a probe"
+                msg = f"mosquitto_sub on {self._topic} never received a probe"
                 raise AssertionError(msg)
 
-    def run(self) -> None:
-        """Collect lines until the subscriber ends."""
-        assert self._proc.stdout is not None
-        for line in self._proc.stdout:
+    def _collect(self, proc: subprocess.Popen[bytes]) -> None:
+        """Collect one subscriber's lines until it ends."""
+        assert proc.stdout is not None
+        for line in proc.stdout:
             with self._lock:
                 self.raw.append(line.rstrip(b"\n"))
+
+    def resubscribe(self) -> None:
+        """Replace the subscriber by a new one on the same persistent session.
+
+        For after a broker restart: the old subscriber is stopped (what it printed is kept)
+        and the new one receives what the broker queued for the session meanwhile.
+        """
+        assert self._session is not None, "only a session log can resubscribe"
+        self._stop_subscriber()
+        self._proc, self._reader = self._subscribe()
+        self._wait_subscribed()
+
+    def _stop_subscriber(self) -> None:
+        """Stop the subscriber and wait until its lines are all collected."""
+        self._proc.kill()
+        self._proc.wait()
+        self._reader.join(5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
 
     def events(self, task_id: str | None = None) -> list[dict[str, Any]]:
         """Decoded events (of one task), in arrival order; probes left out."""
@@ -127,11 +168,7 @@ class EventLog(threading.Thread):
 
     def close(self) -> None:
         """Stop the subscriber."""
-        self._proc.kill()
-        self._proc.wait()
-        self.join(5)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        self._stop_subscriber()
 
 
 @dataclass
@@ -188,10 +225,10 @@ class AgentNode:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def listen(self) -> EventLog:
-        """Start collecting events (before anything is published)."""
+    def listen(self, *, session: str | None = None) -> EventLog:
+        """Start collecting events (before anything is published); ``session``: see EventLog."""
         if self.events is None:
-            self.events = EventLog(self.broker, self.config().events_topic)
+            self.events = EventLog(self.broker, self.config().events_topic, session=session)
         return self.events
 
     # ------------------------------------------------------------------ in-process agent
@@ -245,11 +282,11 @@ class AgentNode:
         self.process.wait(WAIT)
         self.process = None
 
-    def terminate(self) -> int:
-        """SIGTERM the agent process and wait for it; its exit status."""
+    def terminate(self, *, timeout: float = WAIT) -> int:
+        """SIGTERM the agent process and wait for it (at most ``timeout`` s); its exit status."""
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        status = self.process.wait(WAIT)
+        status = self.process.wait(timeout)
         self.process = None
         return status
 
@@ -258,6 +295,16 @@ class AgentNode:
     async def publish(self, text: str) -> None:
         """Publish a raw message on the tasks topic with ``mosquitto_pub``."""
         await asyncio.to_thread(self.broker.pub, self.config().tasks_topic, text)
+
+    async def publish_many(self, texts: list[str]) -> None:
+        """Publish raw messages on the tasks topic in this order, with one ``mosquitto_pub -l``."""
+        argv = ["mosquitto_pub", "-p", str(self.broker.port), "-h", "127.0.0.1", "-q", "1"]
+        argv += ["-t", self.config().tasks_topic, "-l"]
+        lines = "".join(f"{text}\n" for text in texts).encode()
+        done = await asyncio.to_thread(
+            subprocess.run, argv, input=lines, capture_output=True, timeout=WAIT, check=False
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
 
     async def submit(self, kind: str, params: dict[str, Any], **extra: Any) -> str:
         """Publish a task; its id."""
@@ -270,6 +317,27 @@ class AgentNode:
         assert self.events is not None
         task_id = await self.submit(kind, params, **extra)
         return await self.events.terminal(task_id)
+
+    # ------------------------------------------------------------------ local HTTP API
+
+    async def http_get(self, path: str) -> tuple[int, Any]:
+        """``GET path`` on the agent's local HTTP API (``http.listen`` set); status, JSON body."""
+        url = f"http://{self.config().http.listen}{path}"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return response.status, await response.json()
+
+    async def wait_ready(self, *, timeout: float = WAIT) -> dict[str, Any]:  # noqa: ASYNC109  # a hang guard
+        """Poll ``/ready`` until it answers 200 (no answer counts as not ready); its document."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                code, body = await self.http_get("/ready")
+            except aiohttp.ClientError:
+                code, body = 0, {}
+            if code == 200:
+                return dict(body)
+            assert time.monotonic() < deadline, f"/ready still {code} after {timeout}s: {body}"
+            await asyncio.sleep(0.05)
 
     def close(self) -> None:
         """Stop what is left running (a process, the subscriber)."""
@@ -324,7 +392,10 @@ async def wait_online(node: AgentNode, *, timeout: float = WAIT) -> None:  # noq
     topic = node.config().status_topic
     async with asyncio.timeout(timeout):
         while True:
-            lines = await asyncio.to_thread(node.broker.sub, topic, count=1, timeout=5)
+            try:
+                lines = await asyncio.to_thread(node.broker.sub, topic, count=1, timeout=5)
+            except RuntimeError:  # mosquitto_sub -W gave up (exit 27): nothing retained yet
+                lines = []
             if lines and json.loads(lines[0]).get("state") == "online":
                 return
             await asyncio.sleep(0.1)

@@ -295,3 +295,30 @@ async def test_drain_is_false_while_the_broker_is_down_and_true_once_all_are_con
     assert (publisher.published, publisher.depth) == (3, 0)
     assert broker.lost == []
     assert await journal.events_queued(100) == []
+
+
+class SlowAckJournal(AsyncJournal):
+    """A journal whose acknowledgements take a while, so events are queued meanwhile."""
+
+    async def events_ack(self, ids: list[int]) -> int:  # type: ignore[override]  # same call, slower
+        await asyncio.sleep(0.05)
+        return await super().events_ack(ids)
+
+
+async def test_an_event_queued_while_acknowledging_is_sent_without_another_wake_up(
+    path: Path,
+) -> None:
+    async with await SlowAckJournal.open(path) as journal:
+        broker = Broker(journal)
+        publisher = EventPublisher(journal, broker.publish, retry_s=RETRY_S, ack_every=64)
+        async with sending(publisher):
+            first = b"first"
+            publisher.queued(await journal.queue_event("task", first), first)
+            await asyncio.sleep(0.01)  # sent; its acknowledgement is under way
+            second = b"second"
+            publisher.queued(await journal.queue_event("task", second), second)
+            async with asyncio.timeout(HANG_S):
+                while broker.confirmed != [first, second]:  # noqa: ASYNC110  # no event to wait on
+                    await asyncio.sleep(0.01)
+            assert await publisher.drain(HANG_S)
+            assert await journal.events_queued(10) == []

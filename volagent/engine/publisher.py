@@ -91,6 +91,7 @@ class EventPublisher:
                 if published:
                     await self._journal.events_ack(published)
                     published = []
+                    continue  # events queued during that await are in the heap: look again
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
