@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help deps demo test unit lint fmt clean install
+.PHONY: help deps demo test unit lint fmt bench clean install
 
 help:
 	@echo "make demo   install what is needed, then run a whole node and a story through it (KEEP=1 leaves it up)"
 	@echo "make test   install what is needed, then run the whole test suite (real components)"
 	@echo "make lint   ruff and mypy --strict"
+	@echo "make bench  the benchmarks, agent against raw in the same run (bench/results/latest.md)"
 	@echo "make unit   only the unit tests (no root, no components)"
 	@echo "make fmt    ruff format and autofix"
 	@echo "make install  install the agent, its systemd unit and an example config (as root)"
@@ -34,6 +35,9 @@ lint: deps
 fmt: deps
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+bench: deps
+	$(PY) -m bench
 
 install:
 	scripts/install

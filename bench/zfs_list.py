@@ -105,11 +105,14 @@ def main() -> None:
         try:
             asyncio.run(bench(pool, args.volumes, args.rounds))
         finally:
-            for _ in range(50):  # never forced; retried while busy
+            deadline = time.monotonic() + 60  # never forced; retried while busy
+            while True:
                 done = subprocess.run(["zpool", "destroy", pool], capture_output=True, check=False)
                 if done.returncode == 0:
                     break
-                time.sleep(0.1)
+                if time.monotonic() > deadline:
+                    sys.exit(f"zpool destroy {pool} kept failing: {done.stderr.decode().strip()}")
+                time.sleep(0.5)
 
 
 if __name__ == "__main__":

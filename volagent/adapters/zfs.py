@@ -63,6 +63,7 @@ from volagent.ports.storage import (
     SendStream,
     SnapshotInfo,
     VolumeDataset,
+    VolumeScan,
 )
 
 _log = structlog.get_logger(__name__)
@@ -826,20 +827,28 @@ class ZfsCli:
 
     async def list_volumes(self, root: str, spec_keys: Collection[str]) -> list[VolumeDataset]:
         """Every ``<root>/<uuid>`` file system with its spec, in one ``zfs get``."""
+        return (await self.scan_volumes(root, spec_keys)).volumes
+
+    async def scan_volumes(self, root: str, spec_keys: Collection[str]) -> VolumeScan:
+        """The ``<root>/<uuid>`` file systems and the other children, in one ``zfs get``."""
         validate_dataset_name(root, param="root")
         found = await self._get(["-d", "1", volume_properties(spec_keys), root])
-        volumes = []
+        volumes, others = [], []
         for props in found:
             parent, _, child = props.name.rpartition("/")
-            if parent != root or props.get("type") != "filesystem":
+            kind = props.get("type")
+            if parent != root or kind == "snapshot":
                 continue
             try:
                 uuid = validate_volume_uuid(child)
             except InvalidParameter:
+                uuid = None
+            if uuid is None or kind != "filesystem":
                 _log.debug("zfs_not_a_volume", dataset=props.name)
+                others.append(props.name)
                 continue
             volumes.append(_volume(props, uuid, spec_keys))
-        return volumes
+        return VolumeScan(volumes, sorted(others))
 
 
 async def _feed(

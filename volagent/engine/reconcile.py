@@ -85,12 +85,9 @@ class Reconciler:
         began = time.monotonic()
         d, out = self._d, Reconciliation()
         busy = {r.volume_uuid for r in pending if r.volume_uuid}
-        datasets = await d.storage.list_volumes(d.dataset_root, SPEC_KEYS)
-        children = await d.storage.list_datasets(d.dataset_root, ["type"], depth=1)
-        volume_names = {v.dataset for v in datasets}
-        out.foreign = sorted(
-            c.name for c in children if c.name != d.dataset_root and c.name not in volume_names
-        )
+        scan = await d.storage.scan_volumes(d.dataset_root, SPEC_KEYS)
+        datasets = scan.volumes
+        out.foreign = list(scan.others)
         stored = {s.uuid: Volume.model_validate_json(s.body) for s in await self._journal.volumes()}
         zones = {s.volume_uuid: s for s in await d.zones.adopt()}
 
@@ -98,7 +95,7 @@ class Reconciler:
         for found in datasets:
             volume = await self._load(found, stored.get(found.uuid), busy, out)
             if volume is not None and found.uuid not in busy:
-                work.append(self._serve(volume, zones.get(found.uuid), out))
+                work.append(self._serve(volume, found, zones.get(found.uuid), out))
         await asyncio.gather(*work)
 
         on_zfs = {v.uuid for v in datasets}
@@ -168,7 +165,13 @@ class Reconciler:
         _log.info("volume adopted from ZFS", volume=found.uuid)
         return adopted
 
-    async def _serve(self, volume: Volume, status: ZoneStatus | None, out: Reconciliation) -> None:
+    async def _serve(
+        self,
+        volume: Volume,
+        found: VolumeDataset,
+        status: ZoneStatus | None,
+        out: Reconciliation,
+    ) -> None:
         d, uuid = self._d, volume.uuid
         running = status is not None and status.state is ZoneState.RUNNING
         if volume.state is VolumeState.FAILED and not running:
@@ -178,9 +181,13 @@ class Reconciler:
             return
         try:
             async with self._starts:
-                zone_spec = await d.zone_spec(uuid, volume.spec())
-                if not running:
-                    status = await d.zones.start(zone_spec)
+                if found.mounted and found.mountpoint is not None:
+                    # The scan has read it already: one ZFS call less per volume.
+                    zone_spec = volume.spec().zone_spec(uuid, found.mountpoint)
+                else:
+                    zone_spec = await d.zone_spec(uuid, volume.spec())  # mounts it
+                if not running:  # gone: started again, one restart more
+                    status = await d.zones.start(zone_spec, restarts=volume.zone.restarts + 1)
                     out.zones_started.append(uuid)
                     _log.info("zone started again", volume=uuid)
                 else:

@@ -175,6 +175,19 @@ class VolumeDataset:
 
 
 @dataclass(frozen=True, slots=True)
+class VolumeScan:
+    """What lies directly under a dataset root, from one read.
+
+    ``volumes`` are the volume datasets (as :meth:`Storage.list_volumes` gives them);
+    ``others`` names, sorted, every other dataset directly under the root (one that is not a
+    file system named by a volume uuid). Snapshots are not datasets here.
+    """
+
+    volumes: list[VolumeDataset]
+    others: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class ReceiveResult:
     """A finished receive: the bytes read from the stream and how long it took."""
 
@@ -374,4 +387,8 @@ class Storage(Protocol):
 
     async def list_volumes(self, root: str, spec_keys: Collection[str]) -> list[VolumeDataset]:
         """Every volume dataset directly under ``root`` with the given spec keys, in one read."""
+        ...
+
+    async def scan_volumes(self, root: str, spec_keys: Collection[str]) -> VolumeScan:
+        """The volume datasets under ``root`` and the names of the others, in one read."""
         ...

@@ -1,0 +1,1 @@
+"""Benchmarks of the agent against the raw work it drives (see bench/README.md)."""
