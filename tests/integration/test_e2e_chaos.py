@@ -263,13 +263,17 @@ def zfs_props(dataset: str, *names: str) -> dict[str, str]:
 
 
 def zfs_snapshots(dataset: str) -> list[tuple[str, int, int]]:
-    """(name, createtxg, creation) of the dataset's snapshots, oldest first."""
-    argv = ["zfs", "list", "-H", "-t", "snapshot", "-d", "1", "-s", "createtxg"]
-    rows = [line.split("\t") for line in sh([*argv, "-o", "name,createtxg", dataset]).splitlines()]
-    return [
-        (name.split("@", 1)[1], int(txg), int(zfs_props(name, "creation")["creation"]))
-        for name, txg in rows
-    ]
+    """(name, createtxg, creation) of the dataset's snapshots, oldest first.
+
+    zfs-fuse's ``zfs list`` has no ``-p`` and shows a txg above 999 as ``1.02K``: the numbers
+    are read exactly with ``zfs get -p``.
+    """
+    argv = ["zfs", "list", "-H", "-t", "snapshot", "-d", "1", "-o", "name", dataset]
+    found = []
+    for name in sh(argv).split():
+        props = zfs_props(name, "createtxg", "creation")
+        found.append((name.split("@", 1)[1], int(props["createtxg"]), int(props["creation"])))
+    return sorted(found, key=lambda s: s[1])
 
 
 def allows(allowed: list[str], ip: str) -> bool:
