@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,7 @@ class Broker:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
         self.conf.write_text(
             "\n".join(
                 [
@@ -79,7 +81,7 @@ class Broker:
                     f"persistence_location {workdir}/",
                     "max_queued_messages 100000",
                     "set_tcp_nodelay true",
-                    f"log_dest file {workdir / 'mosquitto.log'}",
+                    f"log_dest file {self.log}",
                     "log_type error",
                     "log_type warning",
                     "log_type notice",
@@ -192,12 +194,27 @@ class Bed:
     ) -> None:
         """Remove everything (a second Ctrl-C cannot interrupt this); keep the agent's log."""
         if exc is not None and self.agent is not None and self.agent.log.exists():
-            kept = Path(tempfile.gettempdir()) / f"volagent-bench-{self.tag}-agent.log"
-            shutil.copy(self.agent.log, kept)
-            lines = self.agent.log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
-            print(f"the agent's last {len(lines)} log lines:", *lines, sep="\n", file=sys.stderr)
-            print(f"(its whole log is kept in {kept})", file=sys.stderr)
+            self._keep_evidence(self.agent)
         self.teardown()
+
+    def _keep_evidence(self, agent: AgentProcess) -> None:
+        """Show the agent's last log lines and status, keep its and the broker's log."""
+        lines = agent.log.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+        print(f"the agent's last {len(lines)} log lines:", *lines, sep="\n", file=sys.stderr)
+        if agent.proc is not None and agent.proc.poll() is None:
+            status = agent.url + "/status"
+            with (
+                contextlib.suppress(OSError, ValueError),
+                urllib.request.urlopen(status, timeout=5) as answer,  # noqa: S310  # our loopback API
+            ):
+                print(f"the agent's /status: {answer.read().decode()}", file=sys.stderr)
+        kept = []
+        for name, path in (("agent", agent.log), ("mosquitto", self.broker.log)):
+            if path.exists():
+                copy = Path(tempfile.gettempdir()) / f"volagent-bench-{self.tag}-{name}.log"
+                shutil.copy(path, copy)
+                kept.append(str(copy))
+        print(f"(logs kept: {', '.join(kept)})", file=sys.stderr)
 
     def teardown(self) -> None:
         """Remove everything this bed made; each step runs even when an earlier one failed."""

@@ -120,6 +120,9 @@ class Exchange:
             await self._client.publish(topic, payload, qos=1)
             async with asyncio.timeout(timeout):
                 arrived, doc = await future
+        except TimeoutError:
+            msg = f"no reply to {key} within {timeout:g} s"
+            raise RuntimeError(msg) from None
         finally:
             self._pending.pop(key, None)
         return arrived - began, doc
