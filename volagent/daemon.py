@@ -288,7 +288,7 @@ class Agent:
             metrics=self.metrics,
             central=self.heartbeat,
             extra_status=self._extra_status,
-            storage_problem=self.storage_watch.problem,
+            storage_problem=self.storage_watch.serving_problem,
         )
         self.http = LocalApi(
             self.view, listen=config.http.listen, allow_non_loopback=config.http.allow_non_loopback

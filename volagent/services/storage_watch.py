@@ -102,19 +102,26 @@ class StorageWatch:
         self._up, self._since = True, time.monotonic()
 
     async def problem(self) -> str | None:
-        """Why the storage does not serve the volumes now, or None when it does.
-
-        Changes nothing, so readiness can ask at any time. ZFS may answer again before this
-        watch has seen it go: the dead mount of the dataset root tells the outage anyway.
-        """
+        """Why the storage does not serve the volumes now, or None when it does."""
         try:
             async with asyncio.timeout(ANSWER_TIMEOUT_S):
                 await self._d.storage.pool_info(self._d.pool)
+        except (TimeoutError, VolagentError) as exc:
+            return _why(exc)
+        return await self.serving_problem()
+
+    async def serving_problem(self) -> str | None:
+        """Given that ZFS answers: why the volumes are not served again yet, or None.
+
+        Changes nothing, so readiness (which reads the pool itself) can ask at any time. ZFS
+        may answer again before this watch has seen it go: the dead mount of the dataset root
+        tells the outage anyway.
+        """
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
                 dead = await self._d.storage.mount_dead(self._d.dataset_root)
-        except TimeoutError:
-            return f"ZFS did not answer within {ANSWER_TIMEOUT_S:g} s"
-        except VolagentError as exc:
-            return exc.message
+        except (TimeoutError, VolagentError) as exc:
+            return _why(exc)
         if dead:
             return DEAD_MOUNT
         return None if self._up else SERVING_AGAIN
@@ -155,3 +162,10 @@ class StorageWatch:
                 continue
             restarted += 1
         return restarted
+
+
+def _why(exc: TimeoutError | VolagentError) -> str:
+    """Why ZFS did not answer."""
+    if isinstance(exc, VolagentError):
+        return exc.message
+    return f"ZFS did not answer within {ANSWER_TIMEOUT_S:g} s"
