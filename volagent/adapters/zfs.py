@@ -572,8 +572,17 @@ class ZfsCli:
         """
         validate_dataset_name(name)
         async with self._locks.hold(name):
-            await self._detach_if_dead(name)
-            await self._mount(name)
+            try:
+                await self._zfs("mount", name)
+            except MountFailed as exc:
+                if "already mounted" not in exc.stderr:
+                    raise
+                mountpoint = await self._dead_mountpoint(name)  # only then: not on every mount
+                if mountpoint is None:
+                    return
+                _log.warning("detaching a dead mount", dataset=name, mountpoint=mountpoint)
+                await self._run(UMOUNT, ["-l", mountpoint])
+                await self._mount(name)
 
     async def mount_dead(self, name: str) -> bool:
         """Whether ``name`` is listed as mounted but every access fails with ENOTCONN.
@@ -590,12 +599,6 @@ class ZfsCli:
         if not props.get_bool("mounted") or not mountpoint.startswith("/"):
             return None
         return mountpoint if await asyncio.to_thread(_dead_mount, mountpoint) else None
-
-    async def _detach_if_dead(self, name: str) -> None:
-        mountpoint = await self._dead_mountpoint(name)
-        if mountpoint is not None:
-            _log.warning("detaching a dead mount", dataset=name, mountpoint=mountpoint)
-            await self._run(UMOUNT, ["-l", mountpoint])
 
     async def _mount(self, name: str) -> None:
         try:
