@@ -21,7 +21,7 @@ from tests.support.zfs import destroy_dataset_tree
 from tests.support.zones import NETWORK, HostState, ReadLoop, ZoneBed
 from volagent.adapters.netns import LinuxZones
 from volagent.config import NetworkConfig
-from volagent.errors import NetworkUnavailable, ZoneFailed
+from volagent.errors import CommandError, NetworkUnavailable, ZoneFailed
 from volagent.ports.zones import ZoneState
 
 pytestmark = [pytest.mark.zfs, pytest.mark.nfs, pytest.mark.netns]
@@ -290,3 +290,31 @@ async def test_a_server_that_fails_to_start_leaves_nothing_behind(zone_bed: Zone
     assert HostState.take(zone_bed.tag, zone_bed.state_dir) == before
     assert zone_bed.recorded() == []
     assert await broken.status(spec.volume_uuid) is None
+
+
+async def test_a_network_command_failing_midway_is_named_and_leaves_nothing_behind(
+    zone_bed: ZoneBed,
+) -> None:
+    spec = zone_bed.spec(zone_bed.volume("vol"), 10, ())
+    # The spec's checks let the subnet's broadcast address through as a gateway; the kernel
+    # refuses it, in the last command of the namespace's batch (namespace and veth exist).
+    broadcast = str(zone_bed.bridge.network.broadcast_address)
+    spec = dataclasses.replace(spec, nic=dataclasses.replace(spec.nic, gateway=broadcast))
+    before = HostState.take(zone_bed.tag, zone_bed.state_dir)
+    with pytest.raises(ZoneFailed) as caught:
+        await zone_bed.runtime().start(spec)
+    failed = ["ip", "-n", f"{zone_bed.tag}-{spec.volume_uuid}", "route", "add", "default"]
+    failed += ["via", broadcast]
+    assert caught.value.message.endswith(
+        f"{' '.join(failed)} failed: Error: Nexthop has invalid gateway."
+    )
+    assert isinstance(caught.value.__cause__, CommandError)
+    assert caught.value.__cause__.argv == tuple(failed)
+    assert HostState.take(zone_bed.tag, zone_bed.state_dir) == before
+    assert zone_bed.recorded() == []
+
+
+async def test_an_ip_batch_takes_only_plain_words(zone_bed: ZoneBed) -> None:
+    # ip reads blanks, quotes and # in a batch line: such a word would change the commands.
+    with pytest.raises(ValueError, match="not a plain word"):
+        await zone_bed.runtime()._ip_batch([["link", "set", f"{zone_bed.tag}x#y", "up"]])

@@ -39,7 +39,7 @@ import re
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +48,7 @@ from typing import Any, Final
 
 import structlog
 
-from volagent.adapters import cgroups, ganesha, proc
+from volagent.adapters import cgroups, ganesha, proc, zone_init
 from volagent.adapters.nsnet import NETNS_DIR
 from volagent.adapters.rpc import probe_nfs
 from volagent.config import NetworkConfig, ZonesConfig
@@ -89,6 +89,12 @@ _PREFIX_RE: Final = re.compile(r"[a-z][a-z0-9]{0,5}")
 _TCP_ESTABLISHED: Final = "01"
 _RECORD: Final = "zone.json"
 _POLL_S: Final = 0.05
+#: Between NFS probes while a zone starts: a refused connect costs little, a late answer 10 ms.
+_START_POLL_S: Final = 0.01
+#: What ``ip -batch`` says on stderr after the error of its (1-based) ``line``.
+_BATCH_FAILED_RE: Final = re.compile(r"^Command failed -:(?P<line>\d+)$", re.MULTILINE)
+#: Words that pass through a batch line as they are (ip splits on blanks, reads quotes and #).
+_BATCH_WORD_RE: Final = re.compile(r"[A-Za-z0-9_.:/@%-]+")
 _RPCBIND_COMM: Final = "rpcbind"
 
 
@@ -736,33 +742,70 @@ class LinuxZones:
     async def _ip(self, *args: str) -> None:
         await proc.run(["ip", *args], timeout=self._settings.command_timeout_s)
 
+    async def _ip_batch(self, commands: Sequence[Sequence[str]], *, netns: str = "") -> None:
+        """Run ``commands`` in one ``ip -batch -`` (``ip -n <netns>`` when given), in order.
+
+        ip stops at the first command that fails; the CommandError then names that command
+        alone (its argv as a single ``ip`` would run it) and ip's error for it.
+        """
+        base = ["ip", "-n", netns] if netns else ["ip"]
+        for word in (w for command in commands for w in command):
+            if not _BATCH_WORD_RE.fullmatch(word):
+                raise ValueError(f"not a plain word for an ip batch line: {word!r}")
+        text = "".join(" ".join(command) + "\n" for command in commands)
+        try:
+            await proc.run(
+                [*base, "-batch", "-"],
+                input=text.encode(),
+                timeout=self._settings.command_timeout_s,
+            )
+        except CommandError as exc:
+            found = _BATCH_FAILED_RE.search(exc.stderr)
+            if found is None or not 1 <= int(found["line"]) <= len(commands):
+                raise
+            argv = [*base, *commands[int(found["line"]) - 1]]
+            said = [line for line in exc.stderr[: found.start()].splitlines() if line.strip()]
+            raise CommandError(
+                f"{' '.join(argv)} failed" + (f": {said[-1].strip()}" if said else ""),
+                argv=argv,
+                returncode=exc.returncode,
+                stderr=exc.stderr,
+            ) from exc
+
     async def _make_network(self, record: _Record, bridge: str) -> None:
+        """The namespace, the veth pair on ``bridge``, addresses and route: two ip batches."""
         nic, ns, host_if = record.spec.nic, record.netns, record.host_if
-        await self._ip("netns", "add", ns)
         peer = ["name", ZONE_IF, "address", zone_mac(record.uuid), "netns", ns]
-        await self._ip("link", "add", host_if, "type", "veth", "peer", *peer)
-        await self._ip("link", "set", host_if, "master", bridge)
-        await self._ip("link", "set", host_if, "up")
-        await self._ip("-n", ns, "link", "set", "lo", "up")
+        await self._ip_batch([
+            ["netns", "add", ns],
+            ["link", "add", host_if, "type", "veth", "peer", *peer],
+            ["link", "set", host_if, "master", bridge],
+            ["link", "set", host_if, "up"],
+        ])  # fmt: skip
         address = ["addr", "add", f"{nic.ip}/{nic.prefix}", "dev", ZONE_IF]
         if ipaddress.ip_address(nic.ip).version == 6:
             address.append("nodad")  # ganesha cannot bind a tentative address
-        await self._ip("-n", ns, *address)
-        await self._ip("-n", ns, "link", "set", ZONE_IF, "up")
+        inside = [["link", "set", "lo", "up"], address, ["link", "set", ZONE_IF, "up"]]
         if nic.gateway is not None:
-            await self._ip("-n", ns, "route", "add", "default", "via", nic.gateway)
+            inside.append(["route", "add", "default", "via", nic.gateway])
+        await self._ip_batch(inside, netns=ns)
 
     def _launch_argv(self, record: _Record) -> list[str]:
+        """``zone_init`` by its path with an isolated interpreter, in the zone's namespaces."""
         zone_dir = self._dir_of(record.uuid)
         argv = ["nsenter", f"--net={NETNS_DIR / record.netns}", "--"]
         argv += ["unshare", "-m", "--propagation", "slave", "--"]
-        argv += [self._python, "-m", "volagent.adapters.zone_init"]
+        argv += [self._python, "-I", "-S", zone_init.__file__]
         argv += ["--leader-pidfile", str(zone_dir / "leader.pid")]
         for directory in record.cgroups:
             argv += ["--cgroup", directory]
-        argv += ["--rpcbind", self._settings.rpcbind_bin, "--ganesha", self._settings.ganesha_bin]
-        argv += ["--conf", str(zone_dir / "ganesha.conf"), "--log", str(zone_dir / "ganesha.log")]
-        argv += ["--pidfile", str(zone_dir / "ganesha.pid")]
+        argv += ["--rpcbind", self._settings.rpcbind_bin, "--"]
+        argv += ganesha.argv(
+            self._settings.ganesha_bin,
+            conf=zone_dir / "ganesha.conf",
+            log=zone_dir / "ganesha.log",
+            pidfile=zone_dir / "ganesha.pid",
+        )
         return argv
 
     async def _wait_serving(self, record: _Record) -> None:
@@ -789,7 +832,7 @@ class LinuxZones:
                     f" {self._settings.start_timeout_s:g} s: {result.error}",
                     details={"probe": result.error},
                 )
-            await asyncio.sleep(_POLL_S)
+            await asyncio.sleep(_START_POLL_S)
         record.ganesha_pid = _read_pid(zone_dir / "ganesha.pid") or leader
         record.rpcbind_pid = next(
             (p for p in cgroups.procs(record.cgroup_dirs) if _comm(p) == _RPCBIND_COMM), None
