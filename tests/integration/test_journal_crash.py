@@ -50,7 +50,7 @@ while True:
     journal.record_received(task_id, "volume.get", volume, raw, None, now)
     print("received", task_id, flush=True)
     if i % 3 == 0:
-        journal.mark_running(task_id, now)
+        journal.mark_running(task_id, now, lambda seq: b"running %d" % seq)
         seq = journal.next_seq(task_id)
         terminal = json.dumps({"task": task_id, "seq": seq, "state": "succeeded"}).encode()
         journal.finish(task_id, TaskState.SUCCEEDED, terminal_event=terminal, now=now, result={})

@@ -136,3 +136,53 @@ async def test_a_thousand_volumes_are_read_in_one_call(
         assert not vol.mounted
         assert vol.mountpoint is None
     assert all(v.complete and len(v.spec) == 4 for v in volumes)
+
+
+async def test_a_scan_names_the_volumes_and_the_other_children_in_one_call(
+    storage: ZfsCli, dataset_root: str, zfs_calls: list[tuple[str, ...]]
+) -> None:
+    vid = str(uuid.uuid4())
+    await storage.create_volume(dataset_root, vid, spec(5), DatasetOptions())
+    await storage.create_snapshot(f"{dataset_root}/{vid}", "s1")
+    await storage.create_snapshot(dataset_root, "rootsnap")
+    await storage.create_dataset(f"{dataset_root}/not-a-uuid")
+    await storage.create_dataset(f"{dataset_root}/{vid}/nested")
+    zfs_calls.clear()
+    scan = await storage.scan_volumes(dataset_root, KEYS)
+    assert len(zfs_calls) == 1
+    assert [(v.uuid, v.spec, v.complete) for v in scan.volumes] == [(vid, spec(5), True)]
+    assert scan.volumes[0].mounted
+    # The volume's child and its snapshot lie deeper; the root's snapshot is not a dataset.
+    assert scan.others == [f"{dataset_root}/not-a-uuid"]
+
+
+async def test_a_volume_and_its_snapshots_are_read_in_one_call(
+    storage: ZfsCli, dataset_root: str, zfs_calls: list[tuple[str, ...]]
+) -> None:
+    vid = str(uuid.uuid4())
+    dataset = f"{dataset_root}/{vid}"
+    await storage.create_volume(dataset_root, vid, spec(6), DatasetOptions(quota_bytes=64 << 20))
+    zfs_calls.clear()
+    read = await storage.get_volume_and_snapshots(dataset_root, vid, KEYS)
+    assert read is not None
+    assert len(zfs_calls) == 1
+    assert read[1] == []
+    for name in ("b", "a", "c"):
+        await storage.create_snapshot(dataset, name)
+    await storage.create_dataset(f"{dataset}/nested")
+    await storage.create_snapshot(f"{dataset}/nested", "deep")
+    await storage.hold(dataset, "a", "keep")
+    zfs_calls.clear()
+    read = await storage.get_volume_and_snapshots(dataset_root, vid, KEYS)
+    assert len(zfs_calls) == 1
+    assert read is not None
+    volume, snapshots = read
+    # The same as the two separate reads it replaces.
+    assert volume == await storage.get_volume(dataset_root, vid, KEYS)
+    assert snapshots == await storage.list_snapshots(dataset)
+    assert [s.name for s in snapshots] == ["b", "a", "c"]  # oldest first
+    assert [s.holds for s in snapshots] == [0, 1, 0]
+    assert volume.spec == spec(6)
+    assert volume.quota_bytes == 64 << 20
+    await storage.release(dataset, "a", "keep")
+    assert await storage.get_volume_and_snapshots(dataset_root, str(uuid.uuid4()), KEYS) is None

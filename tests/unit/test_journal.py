@@ -29,6 +29,11 @@ from volagent.errors import StartupError, VolagentError
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 
 
+
+def running_event(seq: int) -> bytes:
+    """The ``running`` event body a test queues with :meth:`Journal.mark_running`."""
+    return b"running %d" % seq
+
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
@@ -167,7 +172,7 @@ def test_record_received_is_idempotent_and_says_what_it_knew(journal: Journal) -
     assert again.seen is Seen.PENDING
     assert again.task == task
 
-    journal.mark_running("t1", at(1))
+    journal.mark_running("t1", at(1), running_event)
     assert receive(journal, "t1").seen is Seen.PENDING
     terminal = succeed(journal, "t1", now=at(2))
 
@@ -259,7 +264,7 @@ def test_finish_numbered_that_fails_to_build_its_event_changes_nothing(path: Pat
 def test_mark_running_counts_attempts_and_keeps_the_first_start(path: Path) -> None:
     with Journal.open(path) as j:
         receive(j, "t1")
-        j.mark_running("t1", at(1))
+        j.mark_running("t1", at(1), running_event)
     with Journal.open(path) as j:
         (interrupted,) = j.pending()
         assert (interrupted.state, interrupted.attempts, interrupted.started) == (
@@ -267,15 +272,19 @@ def test_mark_running_counts_attempts_and_keeps_the_first_start(path: Path) -> N
             1,
             at(1),
         )
-        j.mark_running("t1", at(5))
+        j.mark_running("t1", at(5), running_event)
         task = j.get("t1")
         assert task is not None
-        assert (task.attempts, task.started) == (2, at(1))
+        assert (task.attempts, task.started, task.seq) == (2, at(1), 2)
+        # Each start queued its numbered running event with it.
+        assert [body for _, body in j.events_queued(10)] == [b"running 1", b"running 2"]
         succeed(j, "t1")
+        queued = j.events_queued(10)
         with pytest.raises(VolagentError, match="already succeeded"):
-            j.mark_running("t1", at(6))
+            j.mark_running("t1", at(6), running_event)
         with pytest.raises(VolagentError, match="not in the journal"):
-            j.mark_running("nope", at(6))
+            j.mark_running("nope", at(6), running_event)
+        assert j.events_queued(10) == queued
 
 
 @pytest.mark.parametrize(
@@ -317,7 +326,7 @@ def test_pending_after_a_crash_lists_unfinished_tasks_in_arrival_order(path: Pat
     crashed = Journal.open(path)
     for task_id in ("t-3", "t-1", "t-4", "t-2"):
         receive(crashed, task_id)
-    crashed.mark_running("t-1", at(1))
+    crashed.mark_running("t-1", at(1), running_event)
     succeed(crashed, "t-4")
     # No close: the process "dies" with the connection open; a new one opens the file.
     with Journal.open(path) as j:
@@ -347,7 +356,7 @@ def test_prune_forgets_old_finished_tasks_beyond_the_bounds_never_pending_ones(
 ) -> None:
     receive(journal, "old-received", now=at(-100))
     receive(journal, "old-running", now=at(-100))
-    journal.mark_running("old-running", at(-99))
+    journal.mark_running("old-running", at(-99), running_event)
     for i in range(6):
         receive(journal, f"done-{i}")
         succeed(journal, f"done-{i}", now=at(i))
@@ -583,8 +592,8 @@ async def test_the_facade_covers_the_whole_api(path: Path) -> None:
     async with await AsyncJournal.open(path) as aj:
         receipt = await aj.record_received("t1", "volume.get", "a", raw("t1"), None, T0)
         assert receipt.seen is Seen.NEW
-        await aj.mark_running("t1", at(1))
-        assert await aj.next_seq("t1") == 1
+        assert await aj.mark_running("t1", at(1), running_event) == (1, b"running 1")
+        assert await aj.next_seq("t1") == 2
         await aj.finish("t1", TaskState.SUCCEEDED, terminal_event=b"e", now=at(2), result={})
         await aj.record_received("t2", "volume.get", "a", raw("t2"), None, T0)
         await aj.finish("t2", TaskState.FAILED, terminal_event=b"f", now=at(2), error={"c": 1})

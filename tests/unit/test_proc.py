@@ -4,6 +4,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -585,3 +586,31 @@ async def test_start_detached_checks_argv_and_timeout(tmp_path: Path) -> None:
         await proc.start_detached("sleep 1", log=tmp_path / "log", timeout=10)
     with pytest.raises(ValueError, match="timeout"):
         await proc.start_detached(["true"], log=tmp_path / "log", timeout=0)
+
+
+@pytest.mark.skipif(
+    sys.version_info >= (3, 12), reason="3.12 waits for children with pidfds by itself"
+)
+async def test_children_are_waited_for_with_pidfds_in_any_loop() -> None:
+    await proc.run(["true"], timeout=10)
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("this kernel has no pidfd_open: asyncio's threaded watcher stays")
+    watcher = asyncio.get_child_watcher()
+    assert type(watcher).__name__ == "_PidfdWatcher"
+
+    def in_another_loop() -> list[int]:
+        async def codes() -> list[int]:
+            runs = [proc.run([PY, "-c", f"raise SystemExit({n})"], timeout=30, check=False)
+                    for n in range(4)]  # fmt: skip
+            return [done.returncode for done in await asyncio.gather(*runs)]
+
+        return asyncio.run(codes())
+
+    # A loop in another thread, while this one runs its own children.
+    other = asyncio.create_task(asyncio.to_thread(in_another_loop))
+    async with proc.spawn([PY, "-c", "import time; time.sleep(0.3)"], stdout=proc.DEVNULL) as child:
+        # asyncio's threaded watcher would have an "asyncio-waitpid-N" thread for it now.
+        assert not [t.name for t in threading.enumerate() if "waitpid" in t.name]
+        assert (await child.wait(timeout=30)).returncode == 0
+    assert await other == [0, 1, 2, 3]
+    assert asyncio.get_child_watcher() is watcher

@@ -299,7 +299,8 @@ async def test_a_resumed_task_runs_even_though_its_deadline_has_passed(
         return Done(n=1)
 
     task, _ = await record(journal, message(deadline=PAST), decoded_at=BEFORE_PAST)
-    await journal.mark_running(task.id, utcnow())  # an earlier run was interrupted
+    # An earlier run was interrupted after it started (its running event was published).
+    await journal.mark_running(task.id, utcnow(), lambda seq: b"running %d" % seq)
     interrupted = await journal.get(task.id)
     assert interrupted is not None
     assert interrupted.attempts == 1

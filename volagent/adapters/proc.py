@@ -21,8 +21,9 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Final
@@ -306,6 +307,81 @@ def _check_timeout(timeout: float) -> None:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
 
 
+def _wait_with_pidfds() -> None:
+    """On Python 3.11, learn of children's exits through pidfds, as 3.12 does by default.
+
+    3.11's default watcher starts a thread per child that blocks in ``waitpid``: a thread
+    start and a cross-thread wake-up for every ``zfs`` run. A pidfd is read by the event loop
+    itself. Kept when the kernel has no ``pidfd_open`` (before Linux 5.3) or on other systems.
+    """
+    global _pidfds_checked  # noqa: PLW0603  # decided once per process
+    if _pidfds_checked:
+        return
+    _pidfds_checked = True
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return
+    asyncio.set_child_watcher(_PidfdWatcher())
+
+
+_pidfds_checked = False
+
+if sys.version_info < (3, 12):  # 3.12 has this as its default (and deprecates watchers)
+
+    class _PidfdWatcher(asyncio.AbstractChildWatcher):
+        """3.12's ``PidfdChildWatcher``: the running loop reads each child's pidfd.
+
+        3.11's own is bound to the loop it was attached to; this one works in any loop.
+        """
+
+        def add_child_handler(
+            self, pid: int, callback: Callable[..., object], *args: object
+        ) -> None:
+            loop = asyncio.get_running_loop()
+            pidfd = os.pidfd_open(pid)
+            loop.add_reader(pidfd, self._exited, loop, pid, pidfd, callback, args)
+
+        @staticmethod
+        def _exited(
+            loop: asyncio.AbstractEventLoop,
+            pid: int,
+            pidfd: int,
+            callback: Callable[..., object],
+            args: tuple[object, ...],
+        ) -> None:
+            loop.remove_reader(pidfd)
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:  # reaped by someone else: asyncio reports 255 too
+                returncode = 255
+            else:
+                returncode = os.waitstatus_to_exitcode(status)
+            os.close(pidfd)
+            callback(pid, returncode, *args)
+
+        def remove_child_handler(self, pid: int) -> bool:
+            del pid
+            return True
+
+        def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+            del loop
+
+        def close(self) -> None:
+            """Nothing to release: each pidfd is closed when its child exits."""
+
+        def is_active(self) -> bool:
+            return True
+
+        def __enter__(self) -> _PidfdWatcher:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            del exc
+
+
 async def _start(
     argv: tuple[str, ...],
     *,
@@ -319,6 +395,7 @@ async def _start(
 
     A cancellation while starting waits for the start to finish, then kills the process group.
     """
+    _wait_with_pidfds()
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     # What asyncio.create_subprocess_exec does, keeping hold of the transport: killing closes

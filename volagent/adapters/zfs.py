@@ -651,21 +651,7 @@ class ZfsCli:
     async def list_snapshots(self, dataset: str) -> list[SnapshotInfo]:
         """Snapshots of ``dataset`` itself, oldest first (by createtxg), in one call."""
         validate_dataset_name(dataset)
-        found = await self._get(["-d", "1", ",".join(_SNAPSHOT_PROPS), dataset])
-        snaps = [
-            SnapshotInfo(
-                dataset=dataset,
-                name=p.name.partition("@")[2],
-                guid=p.get_int("guid") or 0,
-                createtxg=p.get_int("createtxg") or 0,
-                created=_epoch(p.get("creation")),
-                used_bytes=p.get_int("used") or 0,
-                holds=p.get_int("userrefs") or 0,
-            )
-            for p in found
-            if p.get("type") == "snapshot" and p.name.startswith(f"{dataset}@")
-        ]
-        return sorted(snaps, key=lambda s: s.createtxg)
+        return _snapshots(dataset, await self._get(["-d", "1", ",".join(_SNAPSHOT_PROPS), dataset]))
 
     async def hold(self, dataset: str, snapshot: str, tag: str) -> None:
         """Put the user hold ``tag`` on ``dataset@snapshot``."""
@@ -828,6 +814,21 @@ class ZfsCli:
             return None
         return _volume(found, uuid, spec_keys)
 
+    async def get_volume_and_snapshots(
+        self, root: str, uuid: str, spec_keys: Collection[str]
+    ) -> tuple[VolumeDataset, list[SnapshotInfo]] | None:
+        """One volume dataset and its snapshots, oldest first, in one ``zfs get -d 1``."""
+        name = volume_dataset_name(root, uuid)
+        props = dict.fromkeys([*volume_properties(spec_keys).split(","), *_SNAPSHOT_PROPS])
+        try:
+            found = await self._get(["-d", "1", ",".join(props), name])
+        except DatasetNotFound:
+            return None
+        volume = next((p for p in found if p.name == name), None)
+        if volume is None:
+            return None
+        return _volume(volume, uuid, spec_keys), _snapshots(name, found)
+
     async def list_volumes(self, root: str, spec_keys: Collection[str]) -> list[VolumeDataset]:
         """Every ``<root>/<uuid>`` file system with its spec, in one ``zfs get``."""
         return (await self.scan_volumes(root, spec_keys)).volumes
@@ -909,6 +910,24 @@ def volume_properties(spec_keys: Collection[str]) -> str:
     """The comma-separated properties one read of volume datasets asks for."""
     keys = [f"{PROPERTY_MODULE}:{validate_property_key(k, param='spec key')}" for k in spec_keys]
     return ",".join([*_VOLUME_PROPS, COMPLETE_PROPERTY, *keys])
+
+
+def _snapshots(dataset: str, found: Sequence[DatasetProperties]) -> list[SnapshotInfo]:
+    """The snapshots of ``dataset`` itself in a ``zfs get -d 1`` of it, oldest first."""
+    snaps = [
+        SnapshotInfo(
+            dataset=dataset,
+            name=p.name.partition("@")[2],
+            guid=p.get_int("guid") or 0,
+            createtxg=p.get_int("createtxg") or 0,
+            created=_epoch(p.get("creation")),
+            used_bytes=p.get_int("used") or 0,
+            holds=p.get_int("userrefs") or 0,
+        )
+        for p in found
+        if p.get("type") == "snapshot" and p.name.startswith(f"{dataset}@")
+    ]
+    return sorted(snaps, key=lambda s: s.createtxg)
 
 
 def _volume(props: DatasetProperties, uuid: str, spec_keys: Collection[str]) -> VolumeDataset:

@@ -563,20 +563,27 @@ class Journal:
             _log.warning("task id seen again with other content; keeping the first", task=task_id)
         return Receipt(Seen.FINISHED if task.state.finished else Seen.PENDING, task)
 
-    def mark_running(self, task_id: str, now: datetime) -> None:
-        """Move a received task, or one interrupted while running, to ``running``.
+    def mark_running(
+        self, task_id: str, now: datetime, make: Callable[[int], bytes]
+    ) -> tuple[int, bytes]:
+        """Move a task to ``running`` and queue its ``running`` event, in one transaction.
 
-        ``started`` keeps the first start; ``attempts`` grows by one. A finished or unknown
-        task raises :class:`~volagent.errors.VolagentError`.
+        The task is a received one, or one interrupted while running; the event is numbered
+        and built by ``make(seq)``. ``started`` keeps the first start; ``attempts`` grows by
+        one. Returns the outbox id and the event bytes. A finished or unknown task raises
+        :class:`~volagent.errors.VolagentError`.
         """
         with self._write("mark a task running") as conn:
-            changed = conn.execute(
+            rows = conn.execute(
                 "UPDATE tasks SET state = 'running', started = coalesce(started, ?),"
-                " attempts = attempts + 1 WHERE id = ? AND finished IS NULL",
+                " attempts = attempts + 1, seq = seq + 1 WHERE id = ? AND finished IS NULL"
+                " RETURNING seq",
                 (_ts(now), task_id),
-            ).rowcount
-            if not changed:
+            ).fetchall()
+            if not rows:
                 self._unknown_or_finished(conn, task_id, "mark it running")
+            body = make(rows[0][0])
+            return self._queue_event(conn, task_id, body), body
 
     def next_seq(self, task_id: str) -> int:
         """Hand out the task's next event sequence number (1, 2, …), durably.
@@ -998,9 +1005,11 @@ class AsyncJournal:
         j = self._journal
         return await self._call(j.record_received, task_id, kind, volume_uuid, raw, deadline, now)
 
-    async def mark_running(self, task_id: str, now: datetime) -> None:
+    async def mark_running(
+        self, task_id: str, now: datetime, make: Callable[[int], bytes]
+    ) -> tuple[int, bytes]:
         """See :meth:`Journal.mark_running`."""
-        await self._call(self._journal.mark_running, task_id, now)
+        return await self._call(self._journal.mark_running, task_id, now, make)
 
     async def next_seq(self, task_id: str) -> int:
         """See :meth:`Journal.next_seq`."""

@@ -121,6 +121,16 @@ class Events:
         """
         await aio.uninterrupted(self._emit(task_id, kind, state, **body))
 
+    async def start(self, task_id: str, kind: str, now: datetime) -> None:
+        """Mark the task running and queue its ``running`` event, in one journal transaction."""
+        await aio.uninterrupted(self._start(task_id, kind, now))
+
+    async def _start(self, task_id: str, kind: str, now: datetime) -> None:
+        event_id, data = await self._journal.mark_running(
+            task_id, now, self._make(task_id, kind, EventState.RUNNING)
+        )
+        self._emitter.queued(event_id, data)
+
     async def _emit(self, task_id: str, kind: str, state: EventState, **body: Any) -> None:
         event_id, data = await self._journal.add_event(
             task_id, self._make(task_id, kind, state, **body)
@@ -322,9 +332,8 @@ class Runner:
             await self._events.finish(task.id, task.kind, error=error)
             self._report(task, started, error)
             return
-        await self._journal.mark_running(task.id, now)
+        await self._events.start(task.id, task.kind, now)
         record = record_started(record)
-        await self._events.emit(task.id, task.kind, EventState.RUNNING)
 
         async def progress(phase: str, done: int, total: int) -> None:
             await self._events.emit(

@@ -385,6 +385,12 @@ class Storage(Protocol):
         """One volume dataset with the given spec keys; None when absent."""
         ...
 
+    async def get_volume_and_snapshots(
+        self, root: str, uuid: str, spec_keys: Collection[str]
+    ) -> tuple[VolumeDataset, list[SnapshotInfo]] | None:
+        """A volume dataset and its snapshots (oldest first) from one read; None when absent."""
+        ...
+
     async def list_volumes(self, root: str, spec_keys: Collection[str]) -> list[VolumeDataset]:
         """Every volume dataset directly under ``root`` with the given spec keys, in one read."""
         ...

@@ -29,6 +29,11 @@ MIB: Final = 1024 * 1024
 ROOT_MODE: Final = 0o1777
 
 
+async def set_root_mode(mountpoint: str) -> None:
+    """Give a fresh volume's root directory (mounted at ``mountpoint``) :data:`ROOT_MODE`."""
+    await asyncio.to_thread(os.chmod, mountpoint, ROOT_MODE)
+
+
 @dataclass(frozen=True, slots=True)
 class Deps:
     """Everything a service needs."""
@@ -70,9 +75,22 @@ class Deps:
         """The volume's dataset with its spec keys, or None."""
         return await self.storage.get_volume(self.dataset_root, uuid, SPEC_KEYS)
 
-    async def zone_spec(self, uuid: str, spec: VolumeSpec) -> ZoneSpec:
-        """The zone spec serving volume ``uuid``, its dataset mounted (else ZoneFailed)."""
-        found = await self.volume_dataset(uuid)
+    async def volume_and_snapshots(
+        self, uuid: str
+    ) -> tuple[VolumeDataset, list[SnapshotInfo]] | None:
+        """The volume's dataset and its snapshots (oldest first) from one read, or None."""
+        return await self.storage.get_volume_and_snapshots(self.dataset_root, uuid, SPEC_KEYS)
+
+    async def zone_spec(
+        self, uuid: str, spec: VolumeSpec, found: VolumeDataset | None = None
+    ) -> ZoneSpec:
+        """The zone spec serving volume ``uuid``, its dataset mounted (else ZoneFailed).
+
+        ``found`` is a fresh read of the dataset when the caller has one (no read then, unless
+        the dataset must be mounted).
+        """
+        if found is None:
+            found = await self.volume_dataset(uuid)
         if found is None:
             raise VolumeNotFound(f"the dataset of volume {uuid} is gone", details={"uuid": uuid})
         if not found.mounted:
@@ -83,12 +101,6 @@ class Deps:
                 f"the dataset of volume {uuid} cannot be mounted", details={"uuid": uuid}
             )
         return spec.zone_spec(uuid, found.mountpoint)
-
-    async def set_root_mode(self, uuid: str) -> None:
-        """Give a fresh volume's root directory :data:`ROOT_MODE`."""
-        found = await self.volume_dataset(uuid)
-        if found is not None and found.mountpoint is not None:
-            await asyncio.to_thread(os.chmod, found.mountpoint, ROOT_MODE)
 
     async def snapshots(self, uuid: str) -> list[SnapshotInfo]:
         """The volume's snapshots, oldest first."""

@@ -45,9 +45,9 @@ from volagent.errors import (
     VolumeInUse,
     VolumeSizeTooSmall,
 )
-from volagent.ports.storage import DatasetOptions
+from volagent.ports.storage import DatasetOptions, VolumeDataset
 from volagent.ports.zones import ZoneState, ZoneStatus
-from volagent.services.deps import MIB, Deps, snapshot_object, zone_info
+from volagent.services.deps import MIB, Deps, set_root_mode, snapshot_object, zone_info
 
 _log = structlog.get_logger(__name__)
 
@@ -91,7 +91,7 @@ class VolumeService:
         if found is None:
             await self._check_space(spec.size_mib * MIB)
         try:
-            return await self._build(task, ctx, made=ours)
+            return await self._build(task, ctx, found, made=ours)
         except VolagentError:
             if ours:
                 await aio.uninterrupted(self._undo_create(uuid))
@@ -116,7 +116,10 @@ class VolumeService:
                 details={"uuid": uuid, "differences": differences},
             )
 
-    async def _build(self, task: VolumeCreateTask, ctx: TaskContext, *, made: bool) -> Volume:
+    async def _build(
+        self, task: VolumeCreateTask, ctx: TaskContext, found: VolumeDataset | None, *, made: bool
+    ) -> Volume:
+        """Dataset, root mode, zone; ``found`` is the dataset as :meth:`create` just read it."""
         d = self._d
         uuid, spec = task.params.uuid, task.params.spec()
         current = d.catalog.get(uuid)
@@ -126,24 +129,24 @@ class VolumeService:
                 Volume.from_spec(uuid, spec, cn=d.cn, state=VolumeState.CREATING, zone=starting)
             )
         await ctx.progress("dataset", 0, 2)
-        found = await d.volume_dataset(uuid)
         if found is None:
             options = DatasetOptions(quota_bytes=spec.size_mib * MIB, atime=False)
-            await d.storage.create_volume(d.dataset_root, uuid, spec_to_props(spec), options)
+            found = await d.storage.create_volume(
+                d.dataset_root, uuid, spec_to_props(spec), options
+            )
         elif not found.complete:
             await d.storage.set_properties(found.dataset, {"quota": str(spec.size_mib * MIB)})
             await d.storage.complete_volume(d.dataset_root, uuid)
+            found = await d.volume_dataset(uuid)
+        zone_spec = await d.zone_spec(uuid, spec, found)  # mounts the dataset
         if made and not ctx.done("root_mode"):
-            await d.zone_spec(uuid, spec)  # mounts the dataset
-            await d.set_root_mode(uuid)
+            await set_root_mode(zone_spec.source)
             await ctx.step_done("root_mode")
         await ctx.checkpoint()
         await ctx.progress("zone", 1, 2)
-        zone_spec = await d.zone_spec(uuid, spec)
         status = await d.zones.start(zone_spec)
         await d.supervisor.watch(zone_spec, status)
         await ctx.progress("zone", 2, 2)
-        found = await d.volume_dataset(uuid)
         async with d.catalog.lock(uuid):
             return await d.catalog.change(
                 uuid,
@@ -250,12 +253,13 @@ class VolumeService:
         return await self._refreshed(self._d.live(task.params.uuid))
 
     async def _refreshed(self, volume: Volume) -> Volume:
-        d = self._d
-        found = await d.volume_dataset(volume.uuid)
-        snapshots = await d.snapshots(volume.uuid) if found is not None else []
+        read = await self._d.volume_and_snapshots(volume.uuid)
+        if read is None:
+            return volume.model_copy(update={"snapshots": []})
+        found, snapshots = read
         return volume.model_copy(
             update={
-                "used_bytes": volume.used_bytes if found is None else found.used_bytes,
+                "used_bytes": found.used_bytes,
                 "snapshots": [snapshot_object(s) for s in snapshots],
             }
         )
