@@ -29,10 +29,10 @@ from volagent.errors import StartupError, VolagentError
 T0 = datetime(2026, 11, 21, 10, 0, tzinfo=UTC)
 
 
-
 def running_event(seq: int) -> bytes:
     """The ``running`` event body a test queues with :meth:`Journal.mark_running`."""
     return b"running %d" % seq
+
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
