@@ -31,6 +31,7 @@ from typing import Final
 
 import structlog
 
+from volagent import aio
 from volagent.adapters import proc
 from volagent.adapters.zfs_errors import (
     DatasetBusy,
@@ -417,8 +418,10 @@ class ZfsCli:
             raise InvalidParameter(
                 f"not a pool name: {pool!r}", details={"parameter": "pool", "reason": "has '/'"}
             )
-        (props,) = await self._get(["used,available", pool])
-        health = await self._run(self._zpool_bin, ["list", "-H", "-o", "health", pool])
+        (props,), health = await aio.both(
+            self._get(["used,available", pool]),
+            self._run(self._zpool_bin, ["list", "-H", "-o", "health", pool]),
+        )
         used, available = props.get_int("used") or 0, props.get_int("available") or 0
         return PoolInfo(pool, used + available, available, health.text.strip())
 

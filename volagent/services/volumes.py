@@ -45,7 +45,7 @@ from volagent.errors import (
     VolumeInUse,
     VolumeSizeTooSmall,
 )
-from volagent.ports.storage import DatasetOptions, VolumeDataset
+from volagent.ports.storage import DatasetOptions, PoolInfo, VolumeDataset
 from volagent.ports.zones import ZoneState, ZoneStatus
 from volagent.services.deps import MIB, Deps, set_root_mode, snapshot_object, zone_info
 
@@ -66,7 +66,8 @@ class VolumeService:
         d, params = self._d, task.params
         uuid, spec = params.uuid, params.spec()
         d.check_network(spec)
-        found = await d.volume_dataset(uuid)
+        # The pool's space is read meanwhile, for the check below (a new volume only).
+        found, pool = await aio.both(d.volume_dataset(uuid), d.storage.pool_info(d.pool))
         current = d.catalog.get(uuid)
         if found is not None:
             self._same_volume(uuid, found.spec, params)
@@ -89,7 +90,7 @@ class VolumeService:
             or (current is not None and current.state is VolumeState.CREATING)
         )
         if found is None:
-            await self._check_space(spec.size_mib * MIB)
+            _check_space(spec.size_mib * MIB, pool)
         try:
             return await self._build(task, ctx, found, made=ours)
         except VolagentError:
@@ -172,14 +173,6 @@ class VolumeService:
                 await d.catalog.change(uuid, state=VolumeState.FAILED)
             d.catalog.forget(uuid)
 
-    async def _check_space(self, wanted_bytes: int) -> None:
-        pool = await self._d.storage.pool_info(self._d.pool)
-        if wanted_bytes > pool.free_bytes:
-            raise InsufficientSpace(
-                f"the pool has {pool.free_bytes} bytes free, {wanted_bytes} are asked for",
-                details={"free_bytes": pool.free_bytes, "wanted_bytes": wanted_bytes},
-            )
-
     async def _refuse_if_in_use(self, uuid: str) -> None:
         """VolumeInUse (``details.clients``: their IPs) while clients are connected."""
         clients = await self._d.zones.connected_clients(uuid)
@@ -239,7 +232,8 @@ class VolumeService:
                 details={"used_bytes": used, "size_mib": size_mib},
             )
         if size_mib > volume.size_mib:
-            await self._check_space((size_mib - volume.size_mib) * MIB)
+            pool = await d.storage.pool_info(d.pool)
+            _check_space((size_mib - volume.size_mib) * MIB, pool)
         await d.storage.set_properties(d.dataset(uuid), {"quota": str(wanted)})
         await d.storage.update_volume_spec(d.dataset_root, uuid, {"size_mib": str(size_mib)})
         async with d.catalog.lock(uuid):
@@ -328,6 +322,15 @@ class VolumeService:
         await d.supervisor.watch(zone_spec, status)
         async with d.catalog.lock(uuid):
             return await d.catalog.change(uuid, state=VolumeState.READY, zone=zone_info(status))
+
+
+def _check_space(wanted_bytes: int, pool: PoolInfo) -> None:
+    """InsufficientSpace when ``pool`` has less than ``wanted_bytes`` free."""
+    if wanted_bytes > pool.free_bytes:
+        raise InsufficientSpace(
+            f"the pool has {pool.free_bytes} bytes free, {wanted_bytes} are asked for",
+            details={"free_bytes": pool.free_bytes, "wanted_bytes": wanted_bytes},
+        )
 
 
 async def zone_changed(deps: Deps, uuid: str, status: ZoneStatus) -> None:
