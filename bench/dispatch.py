@@ -30,7 +30,7 @@ from bench.bed import AgentProcess, Bed, volume_params
 from bench.common import Row, median, ms, overhead_ms, percentile
 from bench.exchange import Exchange, Sample, echoed, load, succeed, terminal_event
 from tests.support.node import task_message
-from volagent.adapters.zfs import volume_properties
+from volagent.adapters.zfs import volume_and_snapshot_properties
 from volagent.domain.spec import SPEC_KEYS
 
 TASKS: Final = 2000
@@ -49,7 +49,6 @@ P99_OVERHEAD_S: Final = 0.005
 MIN_RATE_32: Final = 500.0
 
 _GET: Final = ["zfs", "get", "-H", "-p", "-o", "name,property,value,source"]
-_SNAPSHOT_PROPS: Final = ("type", "guid", "createtxg", "creation", "used", "userrefs")
 
 
 def run(quick: bool) -> list[Row]:
@@ -78,7 +77,7 @@ def _start_echo(bed: Bed) -> subprocess.Popen[bytes]:
 
 def _zfs_reads(dataset: str) -> float:
     """Run the ``zfs get -d 1`` a ``volume.get`` runs (volume and snapshots); seconds taken."""
-    props = ",".join(dict.fromkeys([*volume_properties(SPEC_KEYS).split(","), *_SNAPSHOT_PROPS]))
+    props = volume_and_snapshot_properties(SPEC_KEYS)
     began = time.perf_counter()
     subprocess.run([*_GET, "-d", "1", props, dataset], capture_output=True, check=True)
     return time.perf_counter() - began

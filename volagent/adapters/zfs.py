@@ -822,9 +822,8 @@ class ZfsCli:
     ) -> tuple[VolumeDataset, list[SnapshotInfo]] | None:
         """One volume dataset and its snapshots, oldest first, in one ``zfs get -d 1``."""
         name = volume_dataset_name(root, uuid)
-        props = dict.fromkeys([*volume_properties(spec_keys).split(","), *_SNAPSHOT_PROPS])
         try:
-            found = await self._get(["-d", "1", ",".join(props), name])
+            found = await self._get(["-d", "1", volume_and_snapshot_properties(spec_keys), name])
         except DatasetNotFound:
             return None
         volume = next((p for p in found if p.name == name), None)
@@ -913,6 +912,11 @@ def volume_properties(spec_keys: Collection[str]) -> str:
     """The comma-separated properties one read of volume datasets asks for."""
     keys = [f"{PROPERTY_MODULE}:{validate_property_key(k, param='spec key')}" for k in spec_keys]
     return ",".join([*_VOLUME_PROPS, COMPLETE_PROPERTY, *keys])
+
+
+def volume_and_snapshot_properties(spec_keys: Collection[str]) -> str:
+    """What one read of a volume dataset with its snapshots asks for (``zfs get -d 1``)."""
+    return ",".join(dict.fromkeys([*volume_properties(spec_keys).split(","), *_SNAPSHOT_PROPS]))
 
 
 def _snapshots(dataset: str, found: Sequence[DatasetProperties]) -> list[SnapshotInfo]:
