@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.run import sh
 from tests.support.zfs import Pool
-from volagent.adapters.zfs import COMPLETE_PROPERTY, ZfsCli
+from volagent.adapters.zfs import COMPLETE_PROPERTY, VOLUME_READS_PARALLEL, ZfsCli
 from volagent.adapters.zfs_errors import DatasetExists, DatasetNotFound
 from volagent.errors import InvalidParameter
 from volagent.ports.storage import DatasetOptions
@@ -186,3 +186,52 @@ async def test_a_volume_and_its_snapshots_are_read_in_one_call(
     assert volume.quota_bytes == 64 << 20
     await storage.release(dataset, "a", "keep")
     assert await storage.get_volume_and_snapshots(dataset_root, str(uuid.uuid4()), KEYS) is None
+
+
+async def test_concurrent_volume_reads_are_joined_and_answer_as_one_at_a_time(
+    storage: ZfsCli, dataset_root: str, zfs_calls: list[tuple[str, ...]]
+) -> None:
+    vids = [str(uuid.uuid4()) for _ in range(8)]
+    for i, vid in enumerate(vids):
+        await storage.create_volume(dataset_root, vid, spec(10 + i), DatasetOptions())
+        for snap in range(i % 3):
+            await storage.create_snapshot(f"{dataset_root}/{vid}", f"s{snap}")
+    alone = [await storage.get_volume_and_snapshots(dataset_root, vid, KEYS) for vid in vids]
+    zfs_calls.clear()
+
+    # Twice each: a read asked while another of the same volume waits is answered too.
+    together = await asyncio.gather(
+        *(storage.get_volume_and_snapshots(dataset_root, vid, KEYS) for vid in vids + vids)
+    )
+
+    assert together == alone + alone
+    assert all(read is not None for read in together)
+    # VOLUME_READS_PARALLEL ran at once, each for one volume; the rest waited and went in
+    # one more command, each volume named once however often it was asked.
+    names = {f"{dataset_root}/{v}" for v in vids}
+    assert [sum(a in names for a in call) for call in zfs_calls] == [1] * VOLUME_READS_PARALLEL + [
+        8
+    ]
+
+
+async def test_a_missing_volume_in_a_joined_read_is_none_and_the_others_are_read(
+    storage: ZfsCli, dataset_root: str, zfs_calls: list[tuple[str, ...]]
+) -> None:
+    vids = [str(uuid.uuid4()) for _ in range(4)]
+    for i, vid in enumerate(vids):
+        await storage.create_volume(dataset_root, vid, spec(20 + i), DatasetOptions())
+    gone = str(uuid.uuid4())
+    asked = [vids[0], vids[1], vids[2], gone, vids[3]]
+    zfs_calls.clear()
+
+    reads = await asyncio.gather(
+        *(storage.get_volume_and_snapshots(dataset_root, vid, KEYS) for vid in asked)
+    )
+
+    assert reads[3] is None
+    assert [r[0].spec for r in reads if r is not None] == [spec(20 + i) for i in range(4)]
+    # A joined command was refused (one volume is gone); its volumes were then read alone.
+    names = {f"{dataset_root}/{v}" for v in asked}
+    counts = [sum(a in names for a in call) for call in zfs_calls]
+    joined = next(i for i, n in enumerate(counts) if n > 1)
+    assert counts[joined + 1 :] == [1] * counts[joined]

@@ -183,6 +183,38 @@ def test_record_received_is_idempotent_and_says_what_it_knew(journal: Journal) -
     assert journal.counts_by_state()[TaskState.SUCCEEDED] == 1
 
 
+def test_a_new_tasks_accepted_event_is_queued_with_it_and_a_known_ones_is_not(
+    journal: Journal,
+) -> None:
+    def accepted(seq: int) -> bytes:
+        return b"accepted %d" % seq
+
+    first = journal.record_received("t1", "volume.get", "v1", raw("t1"), None, T0, accepted)
+    assert first.seen is Seen.NEW
+    assert first.task.seq == 1
+    assert first.accepted is not None
+    event_id, body = first.accepted
+    assert body == b"accepted 1"
+    assert journal.events_queued(10) == [(event_id, b"accepted 1")]
+
+    again = journal.record_received("t1", "volume.get", "v1", raw("t1"), None, at(1), accepted)
+    assert (again.seen, again.accepted) == (Seen.PENDING, None)
+    assert journal.events_queued(10) == [(event_id, b"accepted 1")]
+    # The next event of the task follows the accepted one.
+    assert journal.mark_running("t1", at(2), running_event)[1] == b"running 2"
+
+
+def test_a_failing_accepted_event_leaves_no_task_behind(journal: Journal) -> None:
+    def broken(seq: int) -> bytes:
+        raise ValueError(seq)
+
+    with pytest.raises(ValueError, match="1"):
+        journal.record_received("t1", "volume.get", "v1", raw("t1"), None, T0, broken)
+    assert journal.get("t1") is None
+    assert journal.events_queued(10) == []
+    assert receive(journal, "t1").seen is Seen.NEW
+
+
 def test_a_finished_tasks_terminal_event_comes_back_byte_for_byte_after_reopen(
     path: Path,
 ) -> None:

@@ -191,6 +191,24 @@ async def test_confirmed_events_leave_the_outbox_in_batches_and_unconfirmed_ones
     assert await journal.events_queued(100) == []
 
 
+async def test_confirmed_events_leave_the_outbox_once_nothing_new_comes_for_a_while(
+    journal: AsyncJournal, broker: Broker
+) -> None:
+    publisher = EventPublisher(journal, broker.publish, retry_s=RETRY_S, ack_idle_s=0.2)
+    bodies = await hand_over(journal, publisher, 3)
+    broker.expected = bodies
+
+    async with sending(publisher):
+        await wait_for_attempts(broker, 3)
+        # Confirmed, fewer than ack_every (64): still in the outbox right after.
+        assert len(await journal.events_queued(100)) == 3
+        async with asyncio.timeout(HANG_S):
+            while await journal.events_queued(100):  # noqa: ASYNC110  # no drain(), no event to wait on
+                await asyncio.sleep(0.01)
+        assert broker.confirmed == bodies
+    assert broker.lost == []
+
+
 # ------------------------------------------------------------------ restarts
 
 

@@ -22,6 +22,7 @@ import base64
 import binascii
 import dataclasses
 import errno
+import functools
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
@@ -297,6 +298,17 @@ class _CliSendStream:
         raise StopAsyncIteration
 
 
+#: The rows of a volume dataset and its snapshots (None: no such dataset), and those of a
+#: batch of volume reads by dataset (an error for a dataset alone).
+_VolumeRows = list[DatasetProperties] | None
+_VolumeReadAnswers = dict[str, _VolumeRows | Exception]
+
+#: ``zfs get`` commands reading volumes at once; more reads wait and then go together.
+VOLUME_READS_PARALLEL: Final = 1
+#: Datasets named in one such command, at most.
+VOLUME_READS_BATCH: Final = 32
+
+
 class ZfsCli:
     """The :class:`~volagent.ports.storage.Storage` port over the ``zfs``/``zpool`` programs.
 
@@ -325,6 +337,8 @@ class ZfsCli:
         self._busy_retries = busy_retries
         self._busy_delay = busy_retry_delay_s
         self._locks = _KeyedLocks()
+        #: Volume reads joined into one ``zfs get`` under load, per property list.
+        self._volume_reads: dict[str, aio.Batcher[str, _VolumeRows]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -820,16 +834,57 @@ class ZfsCli:
     async def get_volume_and_snapshots(
         self, root: str, uuid: str, spec_keys: Collection[str]
     ) -> tuple[VolumeDataset, list[SnapshotInfo]] | None:
-        """One volume dataset and its snapshots, oldest first, in one ``zfs get -d 1``."""
+        """One volume dataset and its snapshots, oldest first, from a ``zfs get -d 1``.
+
+        Concurrent reads of volumes are joined: while :data:`VOLUME_READS_PARALLEL` such
+        commands run, the reads asked meanwhile wait and then go in one command (it names
+        several datasets). Each read still comes from a command started after it was asked.
+        """
         name = volume_dataset_name(root, uuid)
-        try:
-            found = await self._get(["-d", "1", volume_and_snapshot_properties(spec_keys), name])
-        except DatasetNotFound:
-            return None
-        volume = next((p for p in found if p.name == name), None)
-        if volume is None:
+        props = volume_and_snapshot_properties(spec_keys)
+        reads = self._volume_reads.get(props)
+        if reads is None:
+            reads = self._volume_reads[props] = aio.Batcher(
+                functools.partial(self._read_volumes, props),
+                parallel=VOLUME_READS_PARALLEL,
+                max_batch=VOLUME_READS_BATCH,
+                name="zfs-volume-reads",
+            )
+        found = await reads.get(name)
+        volume = None if found is None else next((p for p in found if p.name == name), None)
+        if found is None or volume is None:
             return None
         return _volume(volume, uuid, spec_keys), _snapshots(name, found)
+
+    async def _read_volumes(self, props: str, names: list[str]) -> _VolumeReadAnswers:
+        """The ``zfs get -d 1`` rows of each dataset (None: it does not exist)."""
+        if len(names) > 1:
+            try:
+                found = await self._get(["-d", "1", props, *names])
+            except DatasetNotFound:
+                pass  # one of them is gone: each is read on its own below, for its own answer
+            else:
+                rows: _VolumeReadAnswers = {n: [] for n in names}
+                for p in found:
+                    rows_of = rows.get(p.name.partition("@")[0])
+                    if isinstance(rows_of, list):
+                        rows_of.append(p)
+                return rows
+        outcomes = await asyncio.gather(
+            *(self._read_volume(props, n) for n in names), return_exceptions=True
+        )
+        answers: _VolumeReadAnswers = {}
+        for n, outcome in zip(names, outcomes, strict=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome
+            answers[n] = outcome
+        return answers
+
+    async def _read_volume(self, props: str, name: str) -> _VolumeRows:
+        try:
+            return await self._get(["-d", "1", props, name])
+        except DatasetNotFound:
+            return None
 
     async def list_volumes(self, root: str, spec_keys: Collection[str]) -> list[VolumeDataset]:
         """Every ``<root>/<uuid>`` file system with its spec, in one ``zfs get``."""

@@ -61,13 +61,12 @@ class Intake:
         except TaskRejected as exc:
             await self._rejected(payload, exc)
             return
-        receipt = await self._journal.record_received(
+        receipt = await self._events.receive(
             task.id, task.kind, task.params.volume, payload, task.deadline, now
         )
         if receipt.seen is Seen.NEW:
             if self._on_received is not None:
                 self._on_received(task.kind)
-            await self._events.emit(task.id, task.kind, EventState.ACCEPTED)
             self._runner.submit(task, receipt.task)
         elif receipt.seen is Seen.FINISHED and receipt.terminal_event is not None:
             _log.info("task seen again; its terminal event is published again", task=task.id)

@@ -168,6 +168,8 @@ class Receipt:
 
     seen: Seen
     task: TaskRecord
+    #: The ``accepted`` event queued with a new task (outbox id, bytes), when one was asked.
+    accepted: tuple[int, bytes] | None = None
 
     @property
     def terminal_event(self) -> bytes | None:
@@ -533,16 +535,19 @@ class Journal:
         raw: bytes,
         deadline: datetime | None,
         now: datetime,
+        accepted: Callable[[int], bytes] | None = None,
     ) -> Receipt:
         """Record a task message on arrival, once per id, and say what was known of it.
 
         The row is committed when this returns. A known id keeps what was first recorded
-        (a different ``raw`` for it is logged and ignored).
+        (a different ``raw`` for it is logged and ignored). For a new task, ``accepted(seq)``
+        builds its ``accepted`` event, queued in the same transaction.
         """
+        event: tuple[int, bytes] | None = None
         with self._write("record a received task") as conn:
             inserted = conn.execute(
-                "INSERT INTO tasks (id, kind, volume_uuid, state, raw, deadline, received)"
-                " VALUES (?, ?, ?, 'received', ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO tasks (id, kind, volume_uuid, state, raw, deadline, received, seq)"
+                " VALUES (?, ?, ?, 'received', ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 (
                     task_id,
                     kind,
@@ -550,15 +555,19 @@ class Journal:
                     raw,
                     None if deadline is None else _ts(deadline),
                     _ts(now),
+                    0 if accepted is None else 1,
                 ),
             ).rowcount
+            if inserted and accepted is not None:
+                body = accepted(1)
+                event = self._queue_event(conn, task_id, body), body
             row = conn.execute(
                 f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?",  # noqa: S608 -- constant column list
                 (task_id,),
             ).fetchone()
         task = _task(row)
         if inserted:
-            return Receipt(Seen.NEW, task)
+            return Receipt(Seen.NEW, task, event)
         if task.raw != raw:
             _log.warning("task id seen again with other content; keeping the first", task=task_id)
         return Receipt(Seen.FINISHED if task.state.finished else Seen.PENDING, task)
@@ -1000,10 +1009,13 @@ class AsyncJournal:
         raw: bytes,
         deadline: datetime | None,
         now: datetime,
+        accepted: Callable[[int], bytes] | None = None,
     ) -> Receipt:
         """See :meth:`Journal.record_received`."""
         j = self._journal
-        return await self._call(j.record_received, task_id, kind, volume_uuid, raw, deadline, now)
+        return await self._call(
+            j.record_received, task_id, kind, volume_uuid, raw, deadline, now, accepted
+        )
 
     async def mark_running(
         self, task_id: str, now: datetime, make: Callable[[int], bytes]

@@ -3,7 +3,9 @@
 Every event is queued in the journal first (:meth:`~volagent.engine.journal.Journal.add_event`
 numbers and stores it in one transaction) and handed to :meth:`EventPublisher.queued`. The
 publisher sends them one at a time in outbox order and waits for each PUBACK, so a task's
-events reach the broker in ``seq`` order; once confirmed, events are dropped from the outbox.
+events reach the broker in ``seq`` order. Confirmed events are dropped from the outbox in
+batches: every ``ack_every`` events, once nothing new was queued for ``ack_idle_s``, and on
+:meth:`EventPublisher.drain` (one journal transaction each, not one per event).
 Events still queued when the agent stops (or dies) are loaded again by :meth:`load` and sent
 at the next start: an event can be published twice, never lost.
 """
@@ -38,12 +40,16 @@ class EventPublisher:
         *,
         retry_s: float = 1.0,
         ack_every: int = 64,
+        ack_idle_s: float = 0.1,
     ) -> None:
         """Send with ``publish`` (which returns once the broker confirmed the event)."""
         self._journal = journal
         self._publish = publish
         self._retry_s = retry_s
         self._ack_every = ack_every
+        self._ack_idle_s = ack_idle_s
+        #: Confirmed by the broker, still in the journal's outbox.
+        self._unacked: list[int] = []
         self._heap: list[tuple[int, bytes]] = []
         self._known: set[int] = set()
         self._wake = asyncio.Event()
@@ -85,16 +91,9 @@ class EventPublisher:
 
     async def run(self) -> NoReturn:
         """Send queued events forever; a broker outage only delays them."""
-        published: list[int] = []
         while True:
             if not self._heap:
-                if published:
-                    await self._journal.events_ack(published)
-                    published = []
-                    continue  # events queued during that await are in the heap: look again
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
+                await self._idle_wait()
                 continue
             event_id, body = self._heap[0]
             try:
@@ -108,16 +107,43 @@ class EventPublisher:
             self._published += 1
             # Exactly the ids sent are dropped: an event queued in the journal but never
             # handed over stays there and is sent after the next start.
-            published.append(event_id)
-            if len(published) >= self._ack_every:
-                await self._journal.events_ack(published)
-                published = []
+            self._unacked.append(event_id)
+            if len(self._unacked) >= self._ack_every:
+                await self._ack()
+
+    async def _idle_wait(self) -> None:
+        """Wait for an event; drop the confirmed ones from the outbox after ``ack_idle_s``."""
+        self._idle.set()
+        self._wake.clear()
+        if not self._unacked:
+            await self._wake.wait()
+            return
+        try:
+            async with asyncio.timeout(self._ack_idle_s):
+                await self._wake.wait()
+        except TimeoutError:
+            await self._ack()
+
+    async def _ack(self) -> None:
+        ids, self._unacked = self._unacked, []
+        if not ids:
+            return
+        try:
+            await self._journal.events_ack(ids)
+        except BaseException:
+            self._unacked = ids + self._unacked  # still confirmed; dropped at the next ack
+            raise
 
     async def drain(self, timeout_s: float) -> bool:
-        """Wait until every queued event is confirmed (at most ``timeout_s``); return whether."""
+        """Wait until every queued event is confirmed (at most ``timeout_s``); return whether.
+
+        The confirmed events are then dropped from the outbox, so that the next start does
+        not send them again.
+        """
         try:
             async with asyncio.timeout(timeout_s):
                 await self._idle.wait()
+                await self._ack()
         except TimeoutError:
             return False
         return True

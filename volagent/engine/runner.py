@@ -34,7 +34,7 @@ from volagent import aio
 from volagent.domain.events import ErrorBody, Event, EventState, Progress
 from volagent.domain.tasks import AnyTask
 from volagent.engine.context import Interrupted, TaskContext
-from volagent.engine.journal import AsyncJournal, TaskRecord, TaskState
+from volagent.engine.journal import AsyncJournal, Receipt, TaskRecord, TaskState
 from volagent.errors import DeadlineExceeded, TaskTimedOut, VolagentError
 
 _log = structlog.get_logger(__name__)
@@ -120,6 +120,28 @@ class Events:
         thread); so do all the steps of :meth:`finish` and :meth:`again`.
         """
         await aio.uninterrupted(self._emit(task_id, kind, state, **body))
+
+    async def receive(
+        self,
+        task_id: str,
+        kind: str,
+        volume_uuid: str | None,
+        raw: bytes,
+        deadline: datetime | None,
+        now: datetime,
+    ) -> Receipt:
+        """Record a task message; a new task's ``accepted`` event goes in the same transaction."""
+
+        async def record() -> Receipt:
+            accepted = self._make(task_id, kind, EventState.ACCEPTED)
+            receipt = await self._journal.record_received(
+                task_id, kind, volume_uuid, raw, deadline, now, accepted
+            )
+            if receipt.accepted is not None:
+                self._emitter.queued(*receipt.accepted)
+            return receipt
+
+        return await aio.uninterrupted(record())
 
     async def start(self, task_id: str, kind: str, now: datetime) -> None:
         """Mark the task running and queue its ``running`` event, in one journal transaction."""
