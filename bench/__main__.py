@@ -36,8 +36,9 @@ NOTES: Final = """\
   repeats, so the ratio holds on a noisy shared machine; the absolute numbers do not.
 - **dispatch**: the same client sends the same `volume.get` task messages to the agent (round
   trip to the terminal event) and to a raw MQTT echo on the same broker (round trip to the
-  echoed bytes). A `volume.get` also reads the volume from ZFS twice: their raw cost is on
-  its own line.
+  echoed bytes). A `volume.get` also reads the volume and its snapshots from ZFS (one
+  `zfs get -d 1`; under load the agent joins concurrent reads into one command): the raw
+  cost of that read is on its own line.
 - **create-to-serving**: from publishing `volume.create` to the first successful `nfs-ls`
   of the new export from a client namespace; raw is a script doing zfs create and quota,
   namespace and veth, rpcbind and ganesha, then the same read.
