@@ -851,8 +851,10 @@ class ZfsCli:
                 name="zfs-volume-reads",
             )
         found = await reads.get(name)
-        volume = None if found is None else next((p for p in found if p.name == name), None)
-        if found is None or volume is None:
+        if found is None:
+            return None
+        volume = next((p for p in found if p.name == name), None)
+        if volume is None:
             return None
         return _volume(volume, uuid, spec_keys), _snapshots(name, found)
 
