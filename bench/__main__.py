@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Final
 
-from bench import common, dispatch, scale, serving, snapshots
+from bench import children, common, dispatch, scale, serving, snapshots
 from bench.common import Benchmark, Row
 
 BENCHMARKS: Final[dict[str, Benchmark]] = {
@@ -26,6 +26,7 @@ BENCHMARKS: Final[dict[str, Benchmark]] = {
     "create-to-serving": serving.run,
     "scale": scale.run,
     "snapshots": snapshots.run,
+    "children": children.run,
 }
 REPORT: Final = Path(__file__).parent / "results" / "latest.md"
 
@@ -49,6 +50,9 @@ NOTES: Final = """\
   reconciliation is a warm restart: the journal knows the 1,000 volumes, the 100 running
   zones are adopted (not restarted), the 900 failed volumes without a zone are left alone.
   The 100-zone case is measured on its own before the 900 are added.
+- **children**: `proc.run(["true"])`, the way every `zfs` and `ip` command is run, against
+  a bare `posix_spawnp` and blocking `waitpid` (no pipes, no loop); "our CPU" is this
+  process's time per child, not the child's.
 - **snapshots**: the agent checks the snapshot list before and records it after each task;
   a rollback also stops and starts the volume's NFS server (ganesha caches what a rollback
   changes), so that ratio is mostly a zone restart.

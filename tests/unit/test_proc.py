@@ -70,15 +70,35 @@ def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[LogEntries]:
 def started(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
     """Set once proc holds a started child, so that a test knows what its cancellation hits."""
     event = asyncio.Event()
-    real_start = proc._start
+    real_start, real_start_spawned = proc._start, proc._start_spawned
 
     async def start(*args: Any, **kwargs: Any) -> Any:
         result = await real_start(*args, **kwargs)
         event.set()
         return result
 
+    def start_spawned(*args: Any, **kwargs: Any) -> Any:
+        result = real_start_spawned(*args, **kwargs)
+        event.set()
+        return result
+
     monkeypatch.setattr(proc, "_start", start)
+    monkeypatch.setattr(proc, "_start_spawned", start_spawned)
     return event
+
+
+@pytest.fixture(params=["posix_spawn", "asyncio"])
+def either_start(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test through each way run() starts a child: posix_spawn, or asyncio's transport.
+
+    run() takes posix_spawn for argv alone; asyncio's way (for input, env or cwd) is forced by
+    making the system look as if it had no pidfds.
+    """
+    if request.param == "asyncio":
+        monkeypatch.setattr(proc, "_pidfds_work", lambda: False)
+        # Whether asyncio waits with pidfds is decided at its first use: not by this stand-in.
+        monkeypatch.setattr(proc, "_pidfds_checked", proc._pidfds_checked)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -133,6 +153,7 @@ async def until(event: asyncio.Event) -> None:
 # ---------------------------------------------------------------- run
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_exit_codes_of_true_and_false() -> None:
     ok = await proc.run(["true"], timeout=10)
     assert (ok.returncode, ok.stdout, ok.stderr, ok.stdout_truncated) == (0, b"", "", False)
@@ -142,6 +163,7 @@ async def test_exit_codes_of_true_and_false() -> None:
     assert failed.returncode == 1
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_non_zero_exit_raises_command_error_with_its_output() -> None:
     code = "import sys; print('partial'); sys.stderr.write('first\\ncannot open: nope\\n'); exit(3)"
     with pytest.raises(CommandError) as info:
@@ -157,17 +179,20 @@ async def test_non_zero_exit_raises_command_error_with_its_output() -> None:
     assert not error.retryable
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_check_false_returns_the_failure() -> None:
     result = await proc.run(["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=10, check=False)
     assert (result.returncode, result.text, result.stderr) == (3, "out\n", "err\n")
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_death_by_signal_is_named() -> None:
     with pytest.raises(CommandError, match=r"^sh was killed by signal 9$") as info:
         await proc.run(["sh", "-c", "kill -9 $$"], timeout=10)
     assert info.value.returncode == -9
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_stdout_in_command_error_is_capped() -> None:
     code = "import sys; sys.stdout.write('x' * 100_000 + 'END'); exit(1)"
     with pytest.raises(CommandError) as info:
@@ -175,6 +200,7 @@ async def test_stdout_in_command_error_is_capped() -> None:
     assert info.value.stdout == proc._TRUNCATED + "x" * (4096 - 3) + "END"
 
 
+@pytest.mark.usefixtures("either_start")
 @pytest.mark.parametrize("program", ["no-such-program-volagent", "/nonexistent/bin/tool"])
 async def test_missing_program_is_command_not_found(program: str, logs: LogEntries) -> None:
     with pytest.raises(CommandNotFound) as info:
@@ -184,6 +210,7 @@ async def test_missing_program_is_command_not_found(program: str, logs: LogEntri
     assert (line["log_level"], line["returncode"]) == ("warning", None)
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_program_without_exec_permission_is_command_not_found(tmp_path: Path) -> None:
     script = tmp_path / "script"
     script.write_text("#!/bin/sh\nexit 0\n")
@@ -220,10 +247,47 @@ async def test_input_a_child_does_not_read_is_not_an_error() -> None:
     assert (await proc.run(["true"], timeout=30, input=b"x" * 4 * MiB)).returncode == 0
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_stdin_is_dev_null_without_input() -> None:
     assert (await proc.run(["cat"], timeout=10)).stdout == b""
 
 
+async def test_argv_alone_is_started_with_posix_spawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_transport(*args: Any, **kwargs: Any) -> Any:
+        msg = "asyncio's subprocess transport was used"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(proc, "_start", no_transport)
+    assert (await proc.run(["echo", "spawned"], timeout=10)).text == "spawned\n"
+    with pytest.raises(AssertionError, match="transport was used"):
+        await proc.run(["cat"], timeout=10, input=b"x")
+
+
+@pytest.mark.usefixtures("either_start")
+async def test_child_leads_a_session_with_default_signals_and_no_stray_descriptors() -> None:
+    # The test process ignores SIGPIPE (Python does): a child must not inherit that, nor a
+    # descriptor of ours, even one left inheritable. Each program reads its own /proc entry
+    # (a shell waiting for a child may block signals meanwhile: it must not be the one read).
+    stray_r, stray_w = os.pipe()
+    os.set_inheritable(stray_w, True)  # noqa: FBT003  # positional only
+    try:
+        status = await proc.run(["cat", "/proc/self/status", "/proc/self/stat"], timeout=10)
+        listed = await proc.run(["ls", "/proc/self/fd"], timeout=10)
+    finally:
+        os.close(stray_r)
+        os.close(stray_w)
+    *lines, stat = status.text.splitlines()
+    fields = dict(line.split(":", 1) for line in lines)
+    masks = {key: int(fields[key], 16) for key in ("SigIgn", "SigBlk")}
+    sigpipe, sigxfsz = 1 << (signal.SIGPIPE - 1), 1 << (signal.SIGXFSZ - 1)
+    assert masks["SigIgn"] & (sigpipe | sigxfsz) == 0
+    assert masks["SigBlk"] == 0
+    assert sorted(listed.text.split()) == ["0", "1", "2", "3"]  # 3: the directory ls reads
+    pid, rest = stat.rsplit(")", 1)[0].split()[0], stat.rsplit(")", 1)[1].split()
+    assert rest[3] == pid  # the session
+
+
+@pytest.mark.usefixtures("either_start")
 async def test_stdout_beyond_the_cap_is_drained_and_dropped() -> None:
     code = "import sys; sys.stdout.buffer.write(b'x' * (3 * 1024 * 1024))"
     result = await proc.run([PY, "-c", code], timeout=60, max_stdout=MiB)
@@ -232,18 +296,21 @@ async def test_stdout_beyond_the_cap_is_drained_and_dropped() -> None:
     assert result.stdout_truncated
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_stdout_exactly_at_the_cap_is_not_truncated() -> None:
     code = "import sys; sys.stdout.buffer.write(b'x' * (1024 * 1024))"
     result = await proc.run([PY, "-c", code], timeout=60, max_stdout=MiB)
     assert (len(result.stdout), result.stdout_truncated) == (MiB, False)
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_stderr_keeps_its_tail() -> None:
     code = "import sys; sys.stderr.write('a' * 100_000 + 'THE-END')"
     result = await proc.run([PY, "-c", code], timeout=60, max_stderr=1000)
     assert result.stderr == proc._TRUNCATED + "a" * 993 + "THE-END"
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_timeout_kills_and_reaps_the_child(logs: LogEntries) -> None:
     started = time.monotonic()
     with pytest.raises(CommandTimeout) as info:
@@ -256,6 +323,7 @@ async def test_timeout_kills_and_reaps_the_child(logs: LogEntries) -> None:
     assert_gone(line["pid"])
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_timeout_kills_a_grandchild_holding_stdout(subreaper: None) -> None:
     # sh exits at once; the backgrounded sleep keeps stdout open, so run() waits for it.
     with pytest.raises(CommandTimeout) as info:
@@ -265,6 +333,7 @@ async def test_timeout_kills_a_grandchild_holding_stdout(subreaper: None) -> Non
     assert_gone(grandchild)
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_timeout_with_a_descendant_out_of_reach_closes_the_pipes(subreaper: None) -> None:
     # setsid takes the sleep out of the process group: the kill cannot reach it, but run()
     # must still return and close its pipe ends, although the sleep holds the other ends.
@@ -289,6 +358,7 @@ async def hang_in_spawn(argv: list[str]) -> None:
         await child.wait(timeout=120)
 
 
+@pytest.mark.usefixtures("either_start")
 @pytest.mark.parametrize("hang", [hang_in_run, hang_in_spawn])
 async def test_cancellation_kills_child_and_grandchild(
     hang: Callable[[list[str]], Awaitable[None]],
@@ -310,6 +380,7 @@ async def test_cancellation_kills_child_and_grandchild(
     assert open_fds() == fds
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_a_second_cancellation_does_not_cut_the_reap_short(
     monkeypatch: pytest.MonkeyPatch, started: asyncio.Event, logs: LogEntries
 ) -> None:
@@ -317,7 +388,7 @@ async def test_a_second_cancellation_does_not_cut_the_reap_short(
     reaped: list[int | None] = []
     real_reap = proc._reap
 
-    async def slow_reap(child: asyncio.subprocess.Process) -> None:
+    async def slow_reap(child: Any) -> None:
         reaping.set()
         await asyncio.sleep(0.2)
         await real_reap(child)
@@ -336,6 +407,7 @@ async def test_a_second_cancellation_does_not_cut_the_reap_short(
     assert_gone(line["pid"])
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_cancellation_while_starting_kills_the_child(logs: LogEntries) -> None:
     fds = open_fds()
     task = asyncio.ensure_future(proc.run(["sleep", "60"], timeout=120))
@@ -349,6 +421,7 @@ async def test_cancellation_while_starting_kills_the_child(logs: LogEntries) -> 
     assert open_fds() == fds
 
 
+@pytest.mark.usefixtures("either_start")
 async def test_log_line_per_call(logs: LogEntries) -> None:
     await proc.run(["true"], timeout=10)
     with pytest.raises(CommandError):
@@ -592,7 +665,7 @@ async def test_start_detached_checks_argv_and_timeout(tmp_path: Path) -> None:
     sys.version_info >= (3, 12), reason="3.12 waits for children with pidfds by itself"
 )
 async def test_children_are_waited_for_with_pidfds_in_any_loop() -> None:
-    await proc.run(["true"], timeout=10)
+    await proc.run(["true"], timeout=10, input=b"")  # input: asyncio's way, with its watcher
     if not hasattr(os, "pidfd_open"):
         pytest.skip("this kernel has no pidfd_open: asyncio's threaded watcher stays")
     watcher = asyncio.get_child_watcher()
@@ -600,8 +673,8 @@ async def test_children_are_waited_for_with_pidfds_in_any_loop() -> None:
 
     def in_another_loop() -> list[int]:
         async def codes() -> list[int]:
-            runs = [proc.run([PY, "-c", f"raise SystemExit({n})"], timeout=30, check=False)
-                    for n in range(4)]  # fmt: skip
+            runs = [proc.run([PY, "-c", f"raise SystemExit({n})"], timeout=30, check=False,
+                             input=b"") for n in range(4)]  # fmt: skip
             return [done.returncode for done in await asyncio.gather(*runs)]
 
         return asyncio.run(codes())

@@ -9,6 +9,10 @@ its whole process group, grandchildren included, and reaps it: no zombie, no lea
 Descendants that leave the group (``setsid``) are out of reach. :func:`run` reads stdout and
 stderr to their end, so a program that daemonises must detach them.
 
+:func:`run` given argv alone starts the child with ``posix_spawnp`` and reads its pipes and
+pidfd on the event loop (:class:`_Spawned`); otherwise, as :func:`spawn` and
+:func:`start_detached` do, it goes through asyncio's subprocess transport.
+
 :func:`spawn` connects stdin and stdout to streams used from Python or to file descriptors:
 both ends of an :func:`os.pipe` join two children, as in ``zfs send | zfs recv``.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import math
 import os
 import shutil
@@ -26,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 
@@ -46,6 +51,9 @@ _LOG_STDERR: Final = 1024  # characters of stderr in a log line
 _TRUNCATED: Final = "[...] "  # starts output whose beginning was dropped
 _SETSID: Final = "setsid"  # util-linux: run a program in a new session, -f to always fork
 _NOT_RUNNABLE: Final = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR})
+#: Ignored by Python (SIGPIPE) or possibly by the agent's parent: back to default in a child.
+_DEFAULT_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ)
+_STDERR: Final = 2  # the highest of the descriptors a child gets from us
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +82,19 @@ class _Capture:
         self.data = bytearray()
         self.truncated = False
 
+    def add(self, chunk: bytes) -> None:
+        """Keep ``chunk``, dropping what no longer fits."""
+        self.data += chunk
+        if (excess := len(self.data) - self.limit) > 0:
+            self.truncated = True
+            del self.data[slice(excess) if self.keep_tail else slice(self.limit, None)]
+
     async def drain(self, reader: asyncio.StreamReader | None) -> None:
         """Read until EOF; what does not fit is dropped, so the writer never blocks."""
         if reader is None:
             return
         while chunk := await reader.read(_CHUNK):
-            self.data += chunk
-            if (excess := len(self.data) - self.limit) > 0:
-                self.truncated = True
-                del self.data[slice(excess) if self.keep_tail else slice(self.limit, None)]
+            self.add(chunk)
 
     def text(self) -> str:
         """Decode the kept bytes as UTF-8; mark the text when its beginning was dropped."""
@@ -170,33 +182,250 @@ async def run(
     args = _check_argv(argv)
     _check_timeout(timeout)
     started = time.monotonic()
-    stdin = DEVNULL if input is None else _PIPE
-    transport, proc = await _start(args, stdin=stdin, stdout=_PIPE, env=env, cwd=cwd)
     out = _Capture(max_stdout, keep_tail=False)
     err = _Capture(max_stderr, keep_tail=True)
+    child: _Child | None = None
+    if input is None and env is None and cwd is None and _pidfds_work():
+        child = _start_spawned(args, out, err)
+    if child is None:
+        child = await _Piped.start(args, input=input, env=env, cwd=cwd, out=out, err=err)
     try:
         async with asyncio.timeout(timeout):
-            await asyncio.gather(
-                _feed(proc.stdin, input), out.drain(proc.stdout), err.drain(proc.stderr)
-            )
-            returncode = await proc.wait()
+            returncode = await child.communicate()
     except BaseException as exc:  # timeout, cancellation, anything: the child must not outlive us
         timed_out = isinstance(exc, TimeoutError)
         error = "timeout" if timed_out else type(exc).__name__
         try:
-            await _kill(transport, proc)
+            await child.kill()
         finally:
-            _log_exec(args, proc, started, err.text(), failed=True, error=error)
+            _log_exec(args, child, started, err.text(), failed=True, error=error)
         if timed_out:
             raise _timed_out(args, timeout, err.text()) from exc
         raise
     duration = time.monotonic() - started
     result = Completed(args, returncode, bytes(out.data), err.text(), duration, out.truncated)
     failed = check and returncode != 0
-    _log_exec(args, proc, started, result.stderr, failed=failed)
+    _log_exec(args, child, started, result.stderr, failed=failed)
     if failed:
         raise _failure(result)
     return result
+
+
+class _Exit(Protocol):
+    """What the log line and the reaper need of a child."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+class _Child(_Exit, Protocol):
+    """A child of :func:`run`: read its output to the end and wait for it, or kill it."""
+
+    async def communicate(self) -> int: ...
+
+    async def kill(self) -> None: ...
+
+
+class _Piped:
+    """A child started by asyncio's subprocess transport.
+
+    For input, env or cwd, and on a system without ``posix_spawn`` or pidfds (before 5.3).
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.SubprocessTransport,
+        proc: asyncio.subprocess.Process,
+        input: bytes | None,  # noqa: A002  # as in run()
+        out: _Capture,
+        err: _Capture,
+    ) -> None:
+        self._transport = transport
+        self._proc = proc
+        self._input = input
+        self._out = out
+        self._err = err
+        self.pid = proc.pid
+
+    @classmethod
+    async def start(
+        cls,
+        argv: tuple[str, ...],
+        *,
+        input: bytes | None,  # noqa: A002  # as in run()
+        env: Mapping[str, str] | None,
+        cwd: str | os.PathLike[str] | None,
+        out: _Capture,
+        err: _Capture,
+    ) -> _Piped:
+        stdin = DEVNULL if input is None else _PIPE
+        transport, proc = await _start(argv, stdin=stdin, stdout=_PIPE, env=env, cwd=cwd)
+        return cls(transport, proc, input, out, err)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    async def wait(self) -> int:
+        return await self._proc.wait()
+
+    async def communicate(self) -> int:
+        proc = self._proc
+        await asyncio.gather(
+            _feed(proc.stdin, self._input),
+            self._out.drain(proc.stdout),
+            self._err.drain(proc.stderr),
+        )
+        return await proc.wait()
+
+    async def kill(self) -> None:
+        await _kill(self._transport, self._proc)
+
+
+class _Spawned:
+    """A child started by ``posix_spawn``; the loop itself reads its pipes and its pidfd.
+
+    :func:`run` takes this way when given nothing but argv (every ``zfs`` call): it costs the
+    agent about a third of the CPU of asyncio's subprocess transport, with its protocol, stream
+    and watcher objects per child. Stdin is /dev/null, stdout and stderr are pipes, the child
+    leads a new session with no signal blocked, SIGPIPE and SIGXFSZ are back to their
+    default action, and inheritable descriptors above stderr are closed (as :mod:`subprocess`
+    does).
+    """
+
+    def __init__(self, pid: int, pidfd: int, pipes: dict[int, _Capture]) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = pidfd
+        self._pipes = pipes
+        self._loop = asyncio.get_running_loop()
+        self._drained: asyncio.Future[None] = self._loop.create_future()
+        self._exited: asyncio.Future[int] = self._loop.create_future()
+        for fd in pipes:
+            os.set_blocking(fd, False)
+            self._loop.add_reader(fd, self._read, fd)
+        self._loop.add_reader(pidfd, self._reap_now)
+
+    def _read(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:  # nothing more will come of this pipe
+            chunk = b""
+        if chunk:
+            self._pipes[fd].add(chunk)
+        else:
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        self._loop.remove_reader(fd)
+        os.close(fd)
+        del self._pipes[fd]
+        if not self._pipes and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _reap_now(self) -> None:
+        """The pidfd is readable: the child has exited, so ``waitpid`` does not block."""
+        self._loop.remove_reader(self._pidfd)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:  # reaped by someone else: asyncio reports 255 too
+            self.returncode = 255
+        else:
+            self.returncode = os.waitstatus_to_exitcode(status)
+        os.close(self._pidfd)
+        self._exited.set_result(self.returncode)
+
+    async def wait(self) -> int:
+        """Wait for the child to exit; a cancellation here leaves the reaping in place."""
+        return await asyncio.shield(self._exited)
+
+    async def communicate(self) -> int:
+        if self._pipes:
+            await asyncio.shield(self._drained)
+        return await self.wait()
+
+    async def kill(self) -> None:
+        """SIGKILL the process group, close our pipe ends and reap the child (as :func:`_kill`)."""
+        with suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        for fd in list(self._pipes):
+            self._close(fd)
+        await aio.uninterrupted(_reap(self))
+
+
+def _start_spawned(argv: tuple[str, ...], out: _Capture, err: _Capture) -> _Spawned | None:
+    """Start ``argv`` with ``posix_spawnp``; map a failure to start to our errors.
+
+    Returns None, having started nothing, when stdin, stdout or stderr of the agent itself is
+    closed (a new pipe would take its number): asyncio's way copes with that.
+    """
+    started = time.monotonic()
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    fds = (out_r, out_w, err_r, err_w)
+    if min(fds) <= _STDERR:
+        for fd in fds:
+            os.close(fd)
+        return None
+    actions: list[tuple[int | str, ...]] = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, out_w, 1),
+        (os.POSIX_SPAWN_DUP2, err_w, 2),
+    ]
+    actions += ((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds())
+    try:
+        pid = os.posix_spawnp(
+            argv[0],
+            argv,
+            os.environ,
+            file_actions=actions,
+            setsid=True,
+            setsigmask=(),
+            setsigdef=_DEFAULT_SIGNALS,
+        )
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        _log.warning(
+            "exec", argv=list(argv), returncode=None, duration_ms=duration_ms, error=str(exc)
+        )
+        cls = CommandNotFound if exc.errno in _NOT_RUNNABLE else CommandError
+        raise cls(f"cannot run {argv[0]}: {exc}", argv=argv) from exc
+    os.close(out_w)
+    os.close(err_w)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:  # out of descriptors: the child is ours, so end it right here
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(out_r)
+        os.close(err_r)
+        raise CommandError(f"cannot watch {argv[0]}: {exc}", argv=argv) from exc
+    return _Spawned(pid, pidfd, {out_r: out, err_r: err})
+
+
+def _inheritable_fds() -> list[int]:
+    """Our descriptors above stderr without close-on-exec, which a spawned child would inherit.
+
+    Python and the libraries the agent uses open theirs close-on-exec; what is left came from
+    whoever started the agent, and :mod:`subprocess` closes it in its children too.
+    """
+    fds = []
+    for name in os.listdir("/proc/self/fd"):  # noqa: PTH208  # names only, no Path objects
+        fd = int(name)
+        if fd > _STDERR:
+            with suppress(OSError):  # the listing's own descriptor, closed by now
+                if os.get_inheritable(fd):
+                    fds.append(fd)
+    return fds
 
 
 @asynccontextmanager
@@ -307,24 +536,31 @@ def _check_timeout(timeout: float) -> None:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
 
 
+@functools.cache
+def _pidfds_work() -> bool:
+    """Whether this system has ``posix_spawn`` and ``pidfd_open`` (Linux 5.3 and later)."""
+    if not hasattr(os, "pidfd_open") or not hasattr(os, "posix_spawnp"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
 def _wait_with_pidfds() -> None:
     """On Python 3.11, learn of children's exits through pidfds, as 3.12 does by default.
 
     3.11's default watcher starts a thread per child that blocks in ``waitpid``: a thread
-    start and a cross-thread wake-up for every ``zfs`` run. A pidfd is read by the event loop
+    start and a cross-thread wake-up for every child. A pidfd is read by the event loop
     itself. Kept when the kernel has no ``pidfd_open`` (before Linux 5.3) or on other systems.
     """
     global _pidfds_checked  # noqa: PLW0603  # decided once per process
     if _pidfds_checked:
         return
     _pidfds_checked = True
-    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
-        return
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-    except OSError:
-        return
-    asyncio.set_child_watcher(_PidfdWatcher())
+    if sys.version_info < (3, 12) and _pidfds_work():
+        asyncio.set_child_watcher(_PidfdWatcher())
 
 
 _pidfds_checked = False
@@ -460,7 +696,7 @@ async def _kill(transport: asyncio.SubprocessTransport, proc: asyncio.subprocess
     await aio.uninterrupted(_reap(proc))
 
 
-async def _reap(proc: asyncio.subprocess.Process) -> None:
+async def _reap(proc: _Exit) -> None:
     try:
         async with asyncio.timeout(_REAP_GRACE):
             await proc.wait()
@@ -494,7 +730,7 @@ def _timed_out(argv: tuple[str, ...], timeout: float, stderr: str) -> CommandTim
 
 def _log_exec(
     argv: tuple[str, ...],
-    proc: asyncio.subprocess.Process,
+    proc: _Exit,
     started: float,
     stderr: str,
     *,
