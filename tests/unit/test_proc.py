@@ -2,6 +2,7 @@ import asyncio
 import ctypes
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -217,6 +218,24 @@ async def test_program_without_exec_permission_is_command_not_found(tmp_path: Pa
     script.chmod(0o644)
     with pytest.raises(CommandNotFound):
         await proc.run([str(script)], timeout=10)
+
+
+@pytest.mark.usefixtures("either_start")
+async def test_no_descriptor_left_is_a_command_error_and_leaks_nothing() -> None:
+    fds = open_fds()
+    taken = {int(fd) for fd in fds}
+    free = [fd for fd in range(len(taken) + 3) if fd not in taken][:3]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Three descriptors left: the first pipe fits, the second does not.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[-1] + 1, hard))
+    try:
+        with pytest.raises(CommandError) as info:
+            await proc.run(["true"], timeout=10)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert type(info.value) is CommandError
+    assert "Too many open files" in info.value.message
+    assert open_fds() == fds
 
 
 async def test_missing_cwd_is_a_command_error_not_a_missing_program(tmp_path: Path) -> None:

@@ -367,20 +367,21 @@ def _start_spawned(argv: tuple[str, ...], out: _Capture, err: _Capture) -> _Spaw
     closed (a new pipe would take its number): asyncio's way copes with that.
     """
     started = time.monotonic()
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    fds = (out_r, out_w, err_r, err_w)
-    if min(fds) <= _STDERR:
-        for fd in fds:
-            os.close(fd)
-        return None
-    actions: list[tuple[int | str, ...]] = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_DUP2, out_w, 1),
-        (os.POSIX_SPAWN_DUP2, err_w, 2),
-    ]
-    actions += ((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds())
+    fds: list[int] = []
     try:
+        for _ in range(2):
+            fds += os.pipe2(os.O_CLOEXEC)
+        if min(fds) <= _STDERR:
+            for fd in fds:
+                os.close(fd)
+            return None
+        out_r, out_w, err_r, err_w = fds
+        actions: list[tuple[int | str, ...]] = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, err_w, 2),
+        ]
+        actions += ((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds())
         pid = os.posix_spawnp(
             argv[0],
             argv,
@@ -390,21 +391,23 @@ def _start_spawned(argv: tuple[str, ...], out: _Capture, err: _Capture) -> _Spaw
             setsigmask=(),
             setsigdef=_DEFAULT_SIGNALS,
         )
-    except OSError as exc:
+    except OSError as exc:  # no descriptors left, or the program cannot be executed
         for fd in fds:
             os.close(fd)
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         _log.warning(
             "exec", argv=list(argv), returncode=None, duration_ms=duration_ms, error=str(exc)
         )
-        cls = CommandNotFound if exc.errno in _NOT_RUNNABLE else CommandError
+        missing = exc.errno in _NOT_RUNNABLE and exc.filename == argv[0]
+        cls = CommandNotFound if missing else CommandError
         raise cls(f"cannot run {argv[0]}: {exc}", argv=argv) from exc
     os.close(out_w)
     os.close(err_w)
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:  # out of descriptors: the child is ours, so end it right here
-        os.killpg(pid, signal.SIGKILL)
+        with suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(out_r)
         os.close(err_r)
