@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import os
 import secrets
 import shutil
@@ -39,7 +38,7 @@ import aiohttp
 from tests.support.agent import CN
 from tests.support.mqtt import free_port
 from tests.support.net import Bridge, Namespace, kill_netns_processes
-from tests.support.node import OWNER
+from tests.support.node import OWNER, config_toml
 from tests.support.run import sh
 from tests.support.zfs import Daemon, Pool
 from volagent.adapters.netns import LinuxZones
@@ -352,20 +351,6 @@ def agent_config(bed: Bed, *, http_port: int, **overrides: dict[str, Any]) -> Co
     return Config.model_validate(data)
 
 
-def _toml(config: Config) -> str:
-    lines: list[str] = []
-    data = config.model_dump(mode="json", exclude_defaults=True)
-    for section, values in data.items():
-        if section == "networks":
-            for name, net in values.items():
-                lines.append(f"[networks.{name}]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in net.items()]
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
-
-
 class AgentProcess:
     """``volagent run`` on a bed, as its own process; its local HTTP API on a free port."""
 
@@ -375,7 +360,9 @@ class AgentProcess:
         self.http_port = free_port()
         self.config = agent_config(bed, http_port=self.http_port, **overrides)
         self.config_path = bed.workdir / "volagent.toml"
-        self.config_path.write_text(_toml(self.config))
+        self.config_path.write_text(
+            config_toml(self.config.model_dump(mode="json", exclude_defaults=True))
+        )
         self.log = bed.workdir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
         bed.agent = self

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.support.mqtt import Mosquitto, free_port
 from tests.support.net import Namespace
 from tests.support.nfs import NfsClient, nfs_url
 from tests.support.node import WAIT, AgentNode, volume_params, wait_online
@@ -23,39 +21,18 @@ from tests.support.zones import ZoneBed
 pytestmark = [pytest.mark.zfs, pytest.mark.nfs, pytest.mark.netns, pytest.mark.mqtt]
 
 
-@pytest.fixture
-async def node(mosquitto: Mosquitto, zone_bed: ZoneBed, tmp_path: Path) -> AsyncIterator[AgentNode]:
-    n = AgentNode(broker=mosquitto, bed=zone_bed, tmp=tmp_path)
-    n.overrides = {"http": {"listen": f"127.0.0.1:{free_port()}"}}
-    try:
-        yield n
-    finally:
-        n.close()
-
-
-async def get(node: AgentNode, path: str) -> tuple[int, Any]:
-    url = f"http://{node.config().http.listen}{path}"
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        return response.status, await response.json()
-
-
 async def ready_becomes(node: AgentNode, status: int) -> dict[str, Any]:
     """Poll ``/ready`` until it answers ``status``; its last document."""
     deadline = time.monotonic() + WAIT
     while True:
         try:
-            code, body = await get(node, "/ready")
+            code, body = await node.http_get("/ready")
         except aiohttp.ClientError:
             code, body = 0, {}
         if code == status:
             return dict(body)
         assert time.monotonic() < deadline, f"/ready still {code}: {body}"
         await asyncio.sleep(0.1)
-
-
-def zone_pids(bed: ZoneBed, uuid: str) -> tuple[int, int]:
-    record = json.loads((bed.zone_dir(uuid) / "zone.json").read_text())
-    return (record["ganesha_pid"], record["rpcbind_pid"])
 
 
 def datasets_under(root: str) -> list[str]:
@@ -81,7 +58,7 @@ async def test_zfs_outage_readiness_retryable_failures_and_recovery_by_itself(
     before.write_bytes(b"written before the outage\n")
     url = nfs_url(zone_bed.bridge.ip(61), "/outage/before.txt")
     client.cp(before, url).expect_ok()
-    pids = zone_pids(zone_bed, uuid)
+    pids = zone_bed.zone_pids(uuid)
     assert (await ready_becomes(node, 200))["checks"]["zfs"]["ok"] is True
 
     zfs_outage.kill()
@@ -101,10 +78,10 @@ async def test_zfs_outage_readiness_retryable_failures_and_recovery_by_itself(
     # The storage watch notices too: the zone supervisor is paused (no zone is restarted onto
     # the empty directory left where the dataset was).
     deadline = time.monotonic() + WAIT
-    while (await get(node, "/status"))[1]["storage"]["up"]:
+    while (await node.http_get("/status"))[1]["storage"]["up"]:
         assert time.monotonic() < deadline, "the storage watch never saw the outage"
         await asyncio.sleep(0.1)
-    assert zone_pids(zone_bed, uuid) == pids
+    assert zone_bed.zone_pids(uuid) == pids
 
     began = time.monotonic()
     zfs_outage.resume()  # only the daemon: the agent mounts what it serves by itself
@@ -112,11 +89,11 @@ async def test_zfs_outage_readiness_retryable_failures_and_recovery_by_itself(
     recovery_s = time.monotonic() - began
     assert back["checks"]["zfs"]["ok"] is True, back
     assert client.cat(url).expect_ok() == before.read_bytes()
-    assert zone_pids(zone_bed, uuid) != pids  # restarted onto the new mount
-    _, status = await get(node, "/status")
+    assert zone_bed.zone_pids(uuid) != pids  # restarted onto the new mount
+    _, status = await node.http_get("/status")
     assert status["storage"]["up"] is True
     assert status["storage"]["outages"] == 1
-    _, volume = await get(node, f"/volumes/{uuid}")
+    _, volume = await node.http_get(f"/volumes/{uuid}")
     assert (volume["state"], volume["zone"]["state"]) == ("ready", "running")
     assert volume["zone"]["restarts"] == 1
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.support.mqtt import Mosquitto
 from tests.support.net import Namespace
 from tests.support.nfs import NfsClient, nfs_url
 from tests.support.node import AgentNode, task_message, volume_params, wait_online
@@ -18,22 +17,6 @@ from tests.support.zones import ZoneBed
 from volagent.engine.journal import journal_path
 
 pytestmark = [pytest.mark.zfs, pytest.mark.nfs, pytest.mark.netns, pytest.mark.mqtt]
-
-
-@pytest.fixture
-async def node(mosquitto: Mosquitto, zone_bed: ZoneBed, tmp_path: Path) -> AsyncIterator[AgentNode]:
-    n = AgentNode(broker=mosquitto, bed=zone_bed, tmp=tmp_path)
-    try:
-        yield n
-    finally:
-        if n.agent is not None:
-            await n.stop()
-        n.close()
-
-
-def zone_pids(bed: ZoneBed, uuid: str) -> tuple[int, ...]:
-    record = json.loads((bed.zone_dir(uuid) / "zone.json").read_text())
-    return (record["ganesha_pid"], record["rpcbind_pid"])
 
 
 async def test_kill_9_during_a_create_then_restart_ends_ready_with_one_terminal_event(
@@ -78,7 +61,7 @@ async def test_a_lost_journal_is_rebuilt_from_zfs_and_running_zones_are_kept(
     params = volume_params(zone_bed, "kept", 55)
     uuid = str(params["uuid"])
     created = (await node.run_task("volume.create", params))["result"]
-    pids = zone_pids(zone_bed, uuid)
+    pids = zone_bed.zone_pids(uuid)
     await node.stop()
     for suffix in ("", "-wal", "-shm"):
         Path(f"{journal_path(zone_bed.state_dir)}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240  # the agent is stopped; nothing else runs
@@ -86,7 +69,7 @@ async def test_a_lost_journal_is_rebuilt_from_zfs_and_running_zones_are_kept(
     agent = await node.start()
     assert agent.reconciliation is not None
     assert agent.reconciliation.adopted == [uuid]
-    assert zone_pids(zone_bed, uuid) == pids  # served all along, not restarted
+    assert zone_bed.zone_pids(uuid) == pids  # served all along, not restarted
     got = (await node.run_task("volume.get", {"uuid": uuid}))["result"]
     assert got["state"] == "ready"
     assert {k: got[k] for k in ("name", "nic", "allowed_clients", "size_mib")} == {
@@ -105,7 +88,7 @@ async def test_a_zone_gone_while_the_agent_was_down_is_started_again(
     uuid = str(params["uuid"])
     await node.run_task("volume.create", params)
     await node.stop()
-    ganesha_pid = zone_pids(zone_bed, uuid)[0]
+    ganesha_pid = zone_bed.zone_pids(uuid)[0]
     sh(["kill", "-9", str(ganesha_pid)])
 
     agent = await node.start()
@@ -113,7 +96,7 @@ async def test_a_zone_gone_while_the_agent_was_down_is_started_again(
     # Adopting the recorded zones restarts the dead one (or reconciliation starts it).
     assert agent.reconciliation.zones_failed == []
     assert agent.reconciliation.zones_running + len(agent.reconciliation.zones_started) == 1
-    assert zone_pids(zone_bed, uuid)[0] != ganesha_pid
+    assert zone_bed.zone_pids(uuid)[0] != ganesha_pid
     nfs_client(client_ns(66)).ls(nfs_url(zone_bed.bridge.ip(56), "/revived")).expect_ok()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.central import CentralServer
-from tests.support.mqtt import Mosquitto, free_port
+from tests.support.mqtt import Mosquitto
 from tests.support.node import AgentNode, volume_params
 from tests.support.zones import ZoneBed
 
@@ -26,20 +25,10 @@ async def central() -> AsyncIterator[CentralServer]:
 
 
 @pytest.fixture
-async def node(
-    mosquitto: Mosquitto, zone_bed: ZoneBed, tmp_path: Path, central: CentralServer
-) -> AsyncIterator[AgentNode]:
-    n = AgentNode(broker=mosquitto, bed=zone_bed, tmp=tmp_path)
-    n.overrides = {
-        "http": {"listen": f"127.0.0.1:{free_port()}"},
-        "central": {"url": central.url, "heartbeat_s": 0.5},
-    }
-    try:
-        yield n
-    finally:
-        if n.agent is not None:
-            await n.stop()
-        n.close()
+def node(node: AgentNode, central: CentralServer) -> AgentNode:
+    """The shared node, reporting to the test's central API with a 0.5 s heartbeat."""
+    node.overrides["central"] = {"url": central.url, "heartbeat_s": 0.5}
+    return node
 
 
 async def get(node: AgentNode, path: str) -> tuple[int, Any]:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.support.mqtt import Mosquitto
 from tests.support.net import Namespace
 from tests.support.nfs import NfsClient, nfs_url
 from tests.support.node import AgentNode, held_connection, volume_params
@@ -20,17 +19,6 @@ from tests.support.run import sh
 from tests.support.zones import ZoneBed
 
 pytestmark = [pytest.mark.zfs, pytest.mark.nfs, pytest.mark.netns, pytest.mark.mqtt]
-
-
-@pytest.fixture
-async def node(mosquitto: Mosquitto, zone_bed: ZoneBed, tmp_path: Path) -> AsyncIterator[AgentNode]:
-    n = AgentNode(broker=mosquitto, bed=zone_bed, tmp=tmp_path)
-    try:
-        yield n
-    finally:
-        if n.agent is not None:
-            await n.stop()
-        n.close()
 
 
 def ok(event: dict[str, object]) -> dict[str, object]:

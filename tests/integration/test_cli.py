@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,18 +36,6 @@ def needs_node(test: _F) -> _F:
     for mark in (pytest.mark.zfs, pytest.mark.nfs, pytest.mark.netns):
         test = mark(test)
     return test
-
-
-@pytest.fixture
-async def node(mosquitto: Mosquitto, zone_bed: ZoneBed, tmp_path: Path) -> AsyncIterator[AgentNode]:
-    n = AgentNode(broker=mosquitto, bed=zone_bed, tmp=tmp_path)
-    n.overrides = {"http": {"listen": f"127.0.0.1:{free_port()}"}}
-    try:
-        yield n
-    finally:
-        if n.agent is not None:
-            await n.stop()
-        n.close()
 
 
 async def volagent(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +37,6 @@ from tests.support.chaos import (
     result_view,
     volume_view,
 )
-from tests.support.mqtt import Mosquitto, free_port
 from tests.support.net import Namespace
 from tests.support.nfs import NfsClient, nfs_url
 from tests.support.node import WAIT, AgentNode, task_message, volume_params, wait_online
@@ -59,22 +58,6 @@ TERMINAL = ("succeeded", "failed")
 MIB = 1024 * 1024
 
 
-@pytest.fixture
-async def node(mosquitto: Mosquitto, zone_bed: ZoneBed, tmp_path: Path) -> AsyncIterator[AgentNode]:
-    n = AgentNode(broker=mosquitto, bed=zone_bed, tmp=tmp_path)
-    n.overrides = {"http": {"listen": f"127.0.0.1:{free_port()}"}}
-    try:
-        yield n
-    finally:
-        n.close()
-
-
-async def get(node: AgentNode, path: str) -> tuple[int, Any]:
-    url = f"http://{node.config().http.listen}{path}"
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        return response.status, await response.json()
-
-
 def agent_log_tail(node: AgentNode) -> str:
     return "\n".join((node.tmp / "agent.log").read_text(errors="replace").splitlines()[-40:])
 
@@ -91,7 +74,7 @@ async def until_answers(node: AgentNode, path: str, status: int) -> None:
     while True:
         check_alive(node)
         try:
-            code, _ = await get(node, path)
+            code, _ = await node.http_get(path)
         except aiohttp.ClientError:
             code = 0
         if code == status:
@@ -290,12 +273,12 @@ async def check_journal(
     """``/tasks/{id}`` agrees with each terminal event; nothing pending; attempts by task."""
     attempts: dict[str, int] = {}
     for task, task_id in zip(stream.tasks, ids, strict=True):
-        code, record = await get(node, f"/tasks/{task_id}")
+        code, record = await node.http_get(f"/tasks/{task_id}")
         assert code == 200, (task.kind, task_id, record)
         assert (record["state"], record["kind"]) == ("succeeded", task.kind), record
         assert record["result"] == terminal[task_id]["result"], (task.kind, record)
         attempts[task_id] = record["attempts"]
-    _, status = await get(node, "/status")
+    _, status = await node.http_get("/status")
     tasks = status["tasks"]
     assert (tasks.get("received", 0), tasks.get("running", 0)) == (0, 0), tasks
     assert (tasks["queued"], tasks["running_now"]) == (0, 0), tasks
@@ -333,7 +316,7 @@ def check_zfs(
 
 async def check_volumes(node: AgentNode, stream: Stream) -> dict[str, dict[str, Any]]:
     """``/volumes``: exactly the stream's volumes, ready, zones running, as the model says."""
-    _, listed = await get(node, "/volumes")
+    _, listed = await node.http_get("/volumes")
     volumes = {v["uuid"]: v for v in listed["volumes"]}
     assert sorted(volumes) == sorted(stream.volumes)
     for uuid, model in stream.volumes.items():

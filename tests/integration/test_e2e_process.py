@@ -14,16 +14,17 @@ import signal
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.mqtt import Mosquitto, free_port
+from tests.support.mqtt import Mosquitto
 from tests.support.net import Namespace
 from tests.support.nfs import NfsClient, nfs_url
 from tests.support.node import WAIT, AgentNode, task_message, volume_params, wait_online
+from tests.support.run import alive
 from tests.support.zones import HostState, ZoneBed
 
 pytestmark = [pytest.mark.zfs, pytest.mark.nfs, pytest.mark.netns, pytest.mark.mqtt]
@@ -34,31 +35,10 @@ GRACE_S = 5.0
 
 
 @pytest.fixture
-async def node(mosquitto: Mosquitto, zone_bed: ZoneBed, tmp_path: Path) -> AsyncIterator[AgentNode]:
-    n = AgentNode(broker=mosquitto, bed=zone_bed, tmp=tmp_path)
-    n.overrides = {
-        "http": {"listen": f"127.0.0.1:{free_port()}"},
-        "engine": {"shutdown_grace_s": GRACE_S},
-    }
-    try:
-        yield n
-    finally:
-        n.close()
-
-
-def zone_pids(bed: ZoneBed, uuid: str) -> tuple[int, int]:
-    """The zone's ganesha and rpcbind pids, as its record holds them."""
-    record = json.loads((bed.zone_dir(uuid) / "zone.json").read_text())
-    return (record["ganesha_pid"], record["rpcbind_pid"])
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live (not zombie) process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+def node(node: AgentNode) -> AgentNode:
+    """The shared node, with a grace period of GRACE_S for running tasks at shutdown."""
+    node.overrides["engine"] = {"shutdown_grace_s": GRACE_S}
+    return node
 
 
 async def create(node: AgentNode, params: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +192,7 @@ async def test_restarts_under_a_reading_and_writing_client_cost_no_nfs_error(
     params = volume_params(zone_bed, "busy", 90)
     uuid, ip = str(params["uuid"]), zone_bed.bridge.ip(90)
     await create(node, params)
-    pids = zone_pids(zone_bed, uuid)
+    pids = zone_bed.zone_pids(uuid)
     loop = WriteReadLoop(nfs_client(client_ns(100)), ip, "/busy", tmp_path)
     host = HostState.take(zone_bed.tag, zone_bed.state_dir)
     assert loop.write(0), loop.errors  # the first file exists before the loop reads it
@@ -234,14 +214,14 @@ async def test_restarts_under_a_reading_and_writing_client_cost_no_nfs_error(
             windows.append(
                 (how, loop.between(began, ready), loop.between(spawned, ready), ready - began)
             )
-            assert zone_pids(zone_bed, uuid) == pids, how
+            assert zone_bed.zone_pids(uuid) == pids, how
     finally:
         await asyncio.to_thread(loop.stop)
 
     assert loop.errors == []
     for how, ops, _, _ in windows:
         assert ops > 0, f"no NFS operation completed while the agent restarted ({how})"
-    assert zone_pids(zone_bed, uuid) == pids
+    assert zone_bed.zone_pids(uuid) == pids
     assert all(alive(pid) for pid in pids)
     assert HostState.take(zone_bed.tag, zone_bed.state_dir) == host
     listing = loop.client.ls(nfs_url(ip, "/busy")).expect_ok().decode().split()
@@ -399,7 +379,7 @@ async def test_sigterm_is_a_bounded_shutdown_and_interrupted_tasks_resume(
     served = [volume_params(zone_bed, f"old{i}", 101 + i) for i in range(2)]
     for params in served:
         await create(node, params)
-    old = {str(p["uuid"]): zone_pids(zone_bed, str(p["uuid"])) for p in served}
+    old = {str(p["uuid"]): zone_bed.zone_pids(str(p["uuid"])) for p in served}
 
     fresh = [volume_params(zone_bed, f"new{i}", 103 + i) for i in range(3)]
     batch = [task_message("volume.create", p) for p in fresh]
@@ -421,7 +401,7 @@ async def test_sigterm_is_a_bounded_shutdown_and_interrupted_tasks_resume(
     assert not alive(pid)
     finished_before = [t for t in ids if node.events.terminal_raw(t)]
     assert len(finished_before) < len(ids), "every task ended before the shutdown"
-    assert {u: zone_pids(zone_bed, u) for u in old} == old  # the shutdown stopped no zone
+    assert {u: zone_bed.zone_pids(u) for u in old} == old  # the shutdown stopped no zone
     assert all(alive(p) for pids in old.values() for p in pids)
 
     node.spawn()
@@ -437,7 +417,7 @@ async def test_sigterm_is_a_bounded_shutdown_and_interrupted_tasks_resume(
         attempts[task_id] = record["attempts"]
     resumed = [t for t in ids if attempts[t] >= 2]
     assert resumed, f"no task was interrupted and resumed: {attempts}"
-    assert {u: zone_pids(zone_bed, u) for u in old} == old
+    assert {u: zone_bed.zone_pids(u) for u in old} == old
     for params in fresh:
         _, volume = await node.http_get(f"/volumes/{params['uuid']}")
         assert (volume["state"], volume["zone"]["state"]) == ("ready", "running"), volume
@@ -468,7 +448,7 @@ async def test_a_zone_whose_ganesha_was_killed_while_the_agent_was_down_is_resta
     for params in (victim, bystander):
         await create(node, params)
     dead, kept = str(victim["uuid"]), str(bystander["uuid"])
-    dead_pids, kept_pids = zone_pids(zone_bed, dead), zone_pids(zone_bed, kept)
+    dead_pids, kept_pids = zone_bed.zone_pids(dead), zone_bed.zone_pids(kept)
     assert node.terminate() == 0
     client = nfs_client(client_ns(120))
     before = HostState.take(zone_bed.tag, zone_bed.state_dir)
@@ -484,10 +464,10 @@ async def test_a_zone_whose_ganesha_was_killed_while_the_agent_was_down_is_resta
     await node.wait_ready()
     ready_s = time.monotonic() - began
 
-    new_ganesha = zone_pids(zone_bed, dead)[0]
+    new_ganesha = zone_bed.zone_pids(dead)[0]
     assert new_ganesha != dead_pids[0]
     assert alive(new_ganesha)
-    assert zone_pids(zone_bed, kept) == kept_pids
+    assert zone_bed.zone_pids(kept) == kept_pids
     client.ls(nfs_url(zone_bed.bridge.ip(111), "/z0")).expect_ok()
     client.ls(nfs_url(zone_bed.bridge.ip(112), "/z1")).expect_ok()
     _, restarted = await node.http_get(f"/volumes/{dead}")

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.net import Namespace
 from tests.support.nfs import NfsClient, nfs_url
-from tests.support.run import sh
+from tests.support.run import alive, sh
 from tests.support.zfs import destroy_dataset_tree
 from tests.support.zones import NETWORK, HostState, ReadLoop, ZoneBed
 from volagent.adapters.netns import LinuxZones
@@ -42,14 +42,6 @@ def ppid_and_sid(pid: int) -> tuple[int, int]:
 
 def netns_inode(path: str) -> int:
     return Path(path).stat().st_ino
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 async def until(condition: Callable[[], bool], *, within: float = 30) -> None:

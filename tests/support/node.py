@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -171,6 +171,20 @@ class EventLog:
         self._stop_subscriber()
 
 
+def config_toml(data: Mapping[str, Any]) -> str:
+    """Agent configuration data (sections of scalars and lists, ``networks`` by name) as TOML."""
+    lines: list[str] = []
+    for section, values in data.items():
+        if section == "networks":
+            for name, net in values.items():
+                lines.append(f"[networks.{name}]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in net.items()]
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
 @dataclass
 class AgentNode:
     """A node for tests: config, agent (in-process or a process), task submission, events."""
@@ -212,17 +226,8 @@ class AgentNode:
 
     def config_file(self) -> Path:
         """The configuration written as TOML (for a ``volagent run`` process)."""
-        lines: list[str] = []
-        for section, values in self.config_data().items():
-            if section == "networks":
-                for name, net in values.items():
-                    lines.append(f"[networks.{name}]")
-                    lines += [f"{k} = {json.dumps(v)}" for k, v in net.items()]
-                continue
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
         path = self.tmp / "volagent.toml"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(config_toml(self.config_data()))
         return path
 
     def listen(self, *, session: str | None = None) -> EventLog:

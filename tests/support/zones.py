@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import uuid
@@ -56,6 +57,11 @@ class ZoneBed:
     def zone_dir(self, volume_uuid: str) -> Path:
         """The state directory of one zone."""
         return self.state_dir / "zones" / volume_uuid
+
+    def zone_pids(self, volume_uuid: str) -> tuple[int, int]:
+        """The zone's ganesha and rpcbind pids, as its record holds them."""
+        record = json.loads((self.zone_dir(volume_uuid) / "zone.json").read_text())
+        return (record["ganesha_pid"], record["rpcbind_pid"])
 
     def ganesha_log(self, volume_uuid: str) -> str:
         """The zone's ganesha log so far."""
