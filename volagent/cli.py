@@ -177,14 +177,21 @@ _TASK_COMMANDS: tuple[_Command, ...] = (
 )
 
 
-def _task_arguments(parser: argparse.ArgumentParser) -> None:
-    commands = parser.add_subparsers(dest="task_command", metavar="COMMAND", required=True)
-    for command in _TASK_COMMANDS:
-        sub = commands.add_parser(
+def _add_commands(
+    parser: argparse.ArgumentParser, commands: Sequence[_Command], *, dest: str, run: str
+) -> None:
+    """One subcommand per command; the parsed arguments carry its function under ``run``."""
+    subparsers = parser.add_subparsers(dest=dest, metavar="COMMAND", required=True)
+    for command in commands:
+        sub = subparsers.add_parser(
             command.name, help=command.help, description=command.help, allow_abbrev=False
         )
         command.add_arguments(sub)
-        sub.set_defaults(task_run=command.run)
+        sub.set_defaults(**{run: command.run})
+
+
+def _task_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_commands(parser, _TASK_COMMANDS, dest="task_command", run="task_run")
 
 
 def _task(args: argparse.Namespace) -> int:
@@ -246,13 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"volagent {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in _COMMANDS:
-        sub = commands.add_parser(
-            command.name, help=command.help, description=command.help, allow_abbrev=False
-        )
-        command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
+    _add_commands(parser, _COMMANDS, dest="command", run="run")
     return parser
 
 
